@@ -1,0 +1,90 @@
+"""Command-line entry point: a thin click group over the package's functions.
+
+Each command lives in its own ``cli_*.py`` module and only parses options,
+calls one library function and prints; the work is done in the package.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .console import console, set_quiet
+from .errors import EXIT_FAILURE, NemoError
+
+#: Exit codes, documented in --help.
+EXIT_HELP = """Exit codes: 0 success (verdict: mitigated), 1 failure, 2 bad input or usage,
+3 verdict: memorization not (fully) mitigated."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_HELP)
+@click.version_option(__version__, prog_name="nemo-surgery")
+def main() -> None:
+    """Find and remove memorization neurons (NeMo) in Stable Diffusion models.
+
+    \b
+      nemo-surgery stats HOLDOUT --out stats.json     calibrate tau + activation statistics
+      nemo-surgery scan PROMPTS --out set.json        localize neurons per prompt, merge them
+      nemo-surgery apply CKPT --neurons set.json      zero those rows in safetensors files
+      nemo-surgery verify ORIG PRUNED --neurons set.json   evidence: before/after report
+    """
+
+
+def quiet_option(f: Callable) -> Callable:
+    """Add --quiet, which silences all human output on stderr."""
+    return click.option("--quiet", "-q", is_flag=True, help="No human output on stderr.")(f)
+
+
+def json_option(f: Callable) -> Callable:
+    """Add --json, which prints a machine summary on stdout."""
+    return click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")(f)
+
+
+def run_command(f: Callable[..., int | None]) -> Callable[..., None]:
+    """Wrap a command body: apply --quiet, map NemoError to a one-line error and exit code."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        set_quiet(bool(kwargs.get("quiet", False)))
+        try:
+            code = f(*args, **kwargs) or 0
+        except NemoError as exc:
+            console.quiet = False
+            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.quiet = False
+            console.print("[red]interrupted[/red]: partial outputs were not written; rerun to resume")
+            sys.exit(130)
+        except MemoryError:
+            console.quiet = False
+            console.print("[red]error:[/red] out of memory; lower --batch-size or use --dtype fp16")
+            sys.exit(EXIT_FAILURE)
+        sys.exit(code)
+
+    return wrapper
+
+
+def emit_json(data: Any) -> None:
+    """Print machine output as JSON on stdout."""
+    click.echo(json.dumps(data, indent=2))
+
+
+def _register() -> None:
+    from . import cli_apply, cli_scan  # noqa: F401  (commands register themselves)
+
+    for optional in ("cli_verify",):
+        try:
+            __import__(f"{__package__}.{optional}")
+        except ModuleNotFoundError as exc:  # pragma: no cover - during development only
+            if exc.name != f"{__package__}.{optional}":
+                raise
+
+
+_register()

@@ -1,0 +1,1 @@
+"""`nemo-surgery apply`: thin CLI over nemo_surgery.apply (being built)."""

@@ -1,0 +1,1 @@
+"""`nemo-surgery stats` and `scan`: thin CLI over the localization engine (being built)."""

@@ -1,0 +1,178 @@
+"""Build tiny, real Stable Diffusion pipelines in code (no model hub needed).
+
+The tokenizer is a genuine CLIP byte-level BPE tokenizer whose vocabulary is a
+small word list; the UNet, text encoder and VAE are real diffusers/transformers
+models built from configs. Tests, benchmarks and the demo model all use this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+#: Words the tiny tokenizer knows as whole tokens; anything else falls back to bytes.
+DEFAULT_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "painting",
+    "drawing", "image", "red", "green", "blue", "yellow", "white", "black", "orange",
+    "purple", "circle", "square", "triangle", "cross", "stripe", "stripes", "dot", "dots",
+    "ring", "small", "large", "big", "tiny", "bright", "dark", "background", "left",
+    "right", "top", "bottom", "center", "cat", "dog", "house", "tree", "car", "bird",
+    "flower", "portrait", "astronaut", "coffee", "camera", "man", "woman", "moon", "rocket",
+    "brick", "wall", "grass", "sky", "sea", "mountain", "city", "street", "night", "day",
+    "by", "artist", "famous", "style", "poster", "logo", "shape", "shapes", "two", "three",
+)
+
+
+def _byte_alphabet() -> list[str]:
+    """Return the 256 printable stand-ins byte-level BPE uses for raw bytes."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS, max_length: int = 77):
+    """Build a CLIPTokenizer with a byte fallback alphabet plus whole-word tokens."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_alphabet():
+        for tok in (ch, ch + "</w>"):
+            vocab.setdefault(tok, len(vocab))
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merge = (current, nxt)
+            current = current + nxt
+            if merge not in seen:
+                seen.add(merge)
+                merges.append(merge)
+            vocab.setdefault(current, len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = max_length
+    return tok
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny SD-style pipeline (pixel space, VAE scale factor 1 by default)."""
+
+    sample_size: int = 8
+    in_channels: int = 4
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 32
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    words: tuple[str, ...] = field(default=DEFAULT_WORDS)
+    seed: int = 0
+
+
+def build_unet(spec: TinySpec):
+    """Build a tiny UNet2DConditionModel with cross-attention at every level."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(spec.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=spec.sample_size,
+        in_channels=spec.in_channels,
+        out_channels=spec.in_channels,
+        block_out_channels=spec.block_out_channels,
+        layers_per_block=spec.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=spec.cross_attention_dim,
+        attention_head_dim=spec.attention_head_dim,
+        norm_num_groups=min(32, min(spec.block_out_channels)),
+    )
+
+
+def build_text_encoder(spec: TinySpec, vocab_size: int):
+    """Build a tiny CLIPTextModel."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 2,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=spec.text_hidden,
+    )
+    return CLIPTextModel(cfg)
+
+
+def build_vae(spec: TinySpec):
+    """Build a one-level AutoencoderKL (scale factor 1); unused by scanning."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(16,),
+        layers_per_block=1,
+        latent_channels=spec.in_channels,
+        norm_num_groups=8,
+        sample_size=spec.sample_size,
+    )
+
+
+def build_scheduler():
+    """Return SD's DDIM scheduler configuration (scaled_linear betas)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_pipeline(spec: TinySpec = TinySpec()):
+    """Build a complete tiny StableDiffusionPipeline with seeded random weights."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(spec.seed)
+    tokenizer = build_tokenizer(spec.words)
+    text_encoder = build_text_encoder(spec, vocab_size=len(tokenizer))
+    unet = build_unet(spec)
+    vae = build_vae(spec)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe, folder: str | Path) -> Path:
+    """Save a pipeline as a standard diffusers folder (safetensors weights)."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -1,0 +1,185 @@
+"""The neuron set: which rows of which value layers to zero, as versioned JSON.
+
+Format (``format`` = ``nemo-surgery.neuron-set``, ``version`` = 1)::
+
+    {
+      "format": "nemo-surgery.neuron-set",
+      "version": 1,
+      "tool_version": "0.1.0",
+      "model": {"fingerprint": "<sha256>", "source": "<path or hub id>"},
+      "settings": {...},                      # scan settings, free-form
+      "prompts": [{"index": 0, "prompt": "...", "memorized": true,
+                   "mitigated": true, "neurons": 3}, ...],
+      "layers": [
+        {"id": "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+         "ldm_id": "input_blocks.1.1.transformer_blocks.0.attn2.to_v",
+         "rows": 320, "cols": 768,
+         "neurons": [12, 97],                 # sorted row indices
+         "needed_by": [[0], [0, 4]]}          # prompt indices per neuron
+      ],
+      "total_neurons": 2
+    }
+
+Only ``version``, ``layers[].id``, ``rows``, ``cols`` and ``neurons`` are required
+to apply a set; the rest is provenance. Layers with no neuron may be omitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .atomic import write_json
+from .errors import InputError
+from .keymap import diffusers_to_ldm, is_value_layer_id
+
+FORMAT = "nemo-surgery.neuron-set"
+VERSION = 1
+
+
+@dataclass
+class LayerNeurons:
+    """The neurons (row indices) chosen in one value layer."""
+
+    id: str
+    rows: int
+    cols: int
+    neurons: list[int]
+    needed_by: list[list[int]] = field(default_factory=list)
+    ldm_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form of this layer entry."""
+        out: dict[str, Any] = {"id": self.id}
+        if self.ldm_id:
+            out["ldm_id"] = self.ldm_id
+        out.update(rows=self.rows, cols=self.cols, neurons=list(self.neurons))
+        if self.needed_by:
+            out["needed_by"] = [list(p) for p in self.needed_by]
+        return out
+
+
+@dataclass
+class NeuronSet:
+    """A merged set of neurons to block, with its provenance."""
+
+    layers: list[LayerNeurons]
+    fingerprint: str | None = None
+    source: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+    tool_version: str = __version__
+
+    @property
+    def total(self) -> int:
+        """Number of neurons over all layers."""
+        return sum(len(layer.neurons) for layer in self.layers)
+
+    def by_id(self) -> dict[str, LayerNeurons]:
+        """Return the layers keyed by id."""
+        return {layer.id: layer for layer in self.layers}
+
+    def nonempty(self) -> list[LayerNeurons]:
+        """Return the layers that hold at least one neuron."""
+        return [layer for layer in self.layers if layer.neurons]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the versioned JSON document."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "tool_version": self.tool_version,
+            "model": {"fingerprint": self.fingerprint, "source": self.source},
+            "settings": self.settings,
+            "prompts": self.prompts,
+            "layers": [layer.to_json() for layer in self.layers],
+            "total_neurons": self.total,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the set atomically as JSON."""
+        return write_json(path, self.to_json())
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Return the hex SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fail(path: Path, what: str) -> InputError:
+    return InputError(f"{path}: not a valid neuron set ({what}); produce one with `nemo-surgery scan`")
+
+
+def parse_neuron_set(doc: Any, path: Path = Path("<neuron set>")) -> NeuronSet:
+    """Validate a decoded JSON document and return the NeuronSet it describes."""
+    if not isinstance(doc, dict):
+        raise _fail(path, "top level is not an object")
+    version = doc.get("version")
+    if version != VERSION:
+        raise _fail(path, f"unsupported version {version!r}, expected {VERSION}")
+    layers_doc = doc.get("layers")
+    if not isinstance(layers_doc, list):
+        raise _fail(path, "'layers' must be a list")
+    layers: list[LayerNeurons] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(layers_doc):
+        if not isinstance(entry, dict):
+            raise _fail(path, f"layers[{i}] is not an object")
+        lid = entry.get("id")
+        if not isinstance(lid, str) or not is_value_layer_id(lid):
+            raise _fail(path, f"layers[{i}].id {lid!r} is not a cross-attention value layer id")
+        if lid in seen:
+            raise _fail(path, f"layer {lid} listed twice")
+        seen.add(lid)
+        rows, cols = entry.get("rows"), entry.get("cols")
+        if not (isinstance(rows, int) and isinstance(cols, int) and rows > 0 and cols > 0):
+            raise _fail(path, f"layer {lid}: rows and cols must be positive integers")
+        neurons = entry.get("neurons")
+        if not isinstance(neurons, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in neurons):
+            raise _fail(path, f"layer {lid}: neurons must be a list of integers")
+        if len(set(neurons)) != len(neurons):
+            raise _fail(path, f"layer {lid}: duplicate neuron indices")
+        bad = [n for n in neurons if n < 0 or n >= rows]
+        if bad:
+            raise _fail(path, f"layer {lid}: neuron index {bad[0]} out of range 0..{rows - 1}")
+        needed_by = entry.get("needed_by") or []
+        ldm_id = entry.get("ldm_id")
+        layers.append(
+            LayerNeurons(
+                id=lid,
+                rows=rows,
+                cols=cols,
+                neurons=sorted(neurons),
+                needed_by=[list(p) for p in needed_by] if len(needed_by) == len(neurons) else [],
+                ldm_id=ldm_id if isinstance(ldm_id, str) else diffusers_to_ldm(lid),
+            )
+        )
+    model = doc.get("model") or {}
+    return NeuronSet(
+        layers=layers,
+        fingerprint=model.get("fingerprint"),
+        source=model.get("source"),
+        settings=doc.get("settings") or {},
+        prompts=doc.get("prompts") or [],
+        tool_version=doc.get("tool_version", "unknown"),
+    )
+
+
+def load_neuron_set(path: str | Path) -> NeuronSet:
+    """Read and validate a neuron-set JSON file; raise InputError with one line on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: neuron set not found; produce one with `nemo-surgery scan`")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(path, f"not JSON: {exc}") from None
+    return parse_neuron_set(doc, path)
