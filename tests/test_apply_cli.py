@@ -1,0 +1,46 @@
+"""`nemo-surgery apply` end to end in a subprocess: exit codes, --json, --dry-run, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from checkpoint_fixtures import DEFAULT_NEURONS, assert_patched, expected_zeroed, write_ldm_file, write_neuron_set
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("nemo-surgery")
+    cmd = [exe] if exe else [sys.executable, "-c", "from nemo_surgery.cli import main; main()"]
+    return subprocess.run([*cmd, "apply", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_apply_end_to_end(tmp_path: Path) -> None:
+    src = write_ldm_file(tmp_path / "model.safetensors", "fp16")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+
+    dry = _cli(str(src), "--neurons", str(ns), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["dry_run"] and plan["rows_zeroed"] == 22 and plan["layout"] == "ldm-single-file"
+    assert "patch plan" in dry.stderr
+    assert not (tmp_path / "model-nemo.safetensors").exists()
+
+    run = _cli(str(src), "--neurons", str(ns), "--json", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    summary = json.loads(run.stdout)
+    assert summary["ok"] and summary["output"] == str(tmp_path / "model-nemo.safetensors")
+    assert_patched(src, tmp_path / "model-nemo.safetensors", expected_zeroed(DEFAULT_NEURONS, "ldm", ema=True))
+
+    again = _cli(str(src), "--neurons", str(ns))
+    assert again.returncode == 2
+    lines = [line for line in again.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "output exists; pass --force" in lines[0]
+
+    pickle = tmp_path / "old.ckpt"
+    pickle.write_bytes(b"\x80\x04")
+    refused = _cli(str(pickle), "--neurons", str(ns))
+    assert refused.returncode == 2 and "convert to safetensors" in refused.stderr

@@ -1,0 +1,145 @@
+"""apply refuses bad input with one line, a non-zero exit and nothing at the destination."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from checkpoint_fixtures import DEFAULT_NEURONS, REAL_LAYER, layer_shapes, ldm_state, write_ldm_file, write_neuron_set, write_pipeline
+from nemo_surgery.apply import ApplyFailed, run_apply
+from nemo_surgery.checkpoint import patch
+from nemo_surgery.errors import InputError, NemoError
+
+
+def _nothing_written(tmp_path: Path, allowed: set[str]) -> None:
+    assert {p.name for p in tmp_path.iterdir()} == allowed
+
+
+def test_shape_mismatch_is_another_architecture(tmp_path: Path) -> None:
+    src = write_ldm_file(tmp_path / "m.safetensors")
+    shapes = dict(layer_shapes())
+    shapes[REAL_LAYER] = (320, 1024)  # SD 2.x set against an SD 1.x file
+    ns = write_neuron_set(tmp_path / "set.json", {REAL_LAYER: [1]}, shapes)
+    with pytest.raises(InputError, match=r"another architecture: .*input_blocks\.1\.1.* has shape \[320, 768\] but the set says \[320, 1024\]"):
+        run_apply(src, ns)
+    _nothing_written(tmp_path, {"m.safetensors", "set.json"})
+
+
+def test_index_out_of_range(tmp_path: Path) -> None:
+    src = write_ldm_file(tmp_path / "m.safetensors")
+    ns = write_neuron_set(tmp_path / "set.json", {REAL_LAYER: [320]})
+    with pytest.raises(InputError, match="out of range"):
+        run_apply(src, ns)
+    _nothing_written(tmp_path, {"m.safetensors", "set.json"})
+
+
+def test_missing_key_and_missing_ema_copy(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = ldm_state("fp16")
+    ema_key = "model_ema.diffusion_modelinput_blocks11transformer_blocks0attn2to_vweight"
+    del state[ema_key]
+    save_file(state, str(tmp_path / "m.safetensors"))
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    with pytest.raises(InputError, match=f"missing key {ema_key}"):
+        run_apply(tmp_path / "m.safetensors", ns)
+    del state["model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"]
+    save_file(state, str(tmp_path / "m.safetensors"))
+    with pytest.raises(InputError, match="missing key"):
+        run_apply(tmp_path / "m.safetensors", ns)
+    _nothing_written(tmp_path, {"m.safetensors", "set.json"})
+
+
+@pytest.mark.parametrize("cut", [3, 100, -5])
+def test_truncated_or_corrupt_file(tmp_path: Path, cut: int) -> None:
+    good = write_ldm_file(tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "good.safetensors").unlink()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(good[:cut])
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        run_apply(bad, ns)
+    _nothing_written(tmp_path, {"bad.safetensors", "set.json"})
+
+
+def test_output_exists_and_output_equals_input(tmp_path: Path) -> None:
+    src = write_ldm_file(tmp_path / "m.safetensors")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    (tmp_path / "m-nemo.safetensors").write_bytes(b"keep")
+    with pytest.raises(InputError, match="exists; pass --force"):
+        run_apply(src, ns)
+    assert (tmp_path / "m-nemo.safetensors").read_bytes() == b"keep"
+    with pytest.raises(InputError, match="equals the input; pass --in-place"):
+        run_apply(src, ns, out=src)
+    with pytest.raises(InputError, match="equals the input"):
+        run_apply(src, ns, out=src, force=True)
+    with pytest.raises(InputError, match="drop --out"):
+        run_apply(src, ns, out=tmp_path / "other.safetensors", in_place=True)
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.bin", "model.pt"])
+def test_pickle_refused_without_unpickling(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\x80\x04 this would be a pickle; it must never be loaded")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    with pytest.raises(InputError, match="pickle checkpoints are refused.*convert to safetensors") as info:
+        run_apply(path, ns)
+    assert "\n" not in str(info.value)
+
+
+def test_pickle_weights_inside_a_folder_are_refused(tmp_path: Path) -> None:
+    src = write_pipeline(tmp_path / "pipe")
+    (src / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    with pytest.raises(InputError, match="pickle weights"):
+        run_apply(src, ns)
+
+
+def test_disk_full_removes_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_ldm_file(tmp_path / "m.safetensors")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+
+    def full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(patch, "copy_range", full)
+    with pytest.raises(NemoError, match="disk full while writing .*; free space and rerun"):
+        run_apply(src, ns)
+    _nothing_written(tmp_path, {"m.safetensors", "set.json"})
+    folder = write_pipeline(tmp_path / "pipe")
+    with pytest.raises(NemoError, match="disk full"):
+        run_apply(folder, ns)
+    _nothing_written(tmp_path, {"m.safetensors", "set.json", "pipe"})
+
+
+def test_failed_verification_marks_output_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_ldm_file(tmp_path / "m.safetensors")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    monkeypatch.setattr(patch, "zero_ranges", lambda *a, **k: None)  # a patch that silently does nothing
+    with pytest.raises(ApplyFailed, match="targeted rows all zero") as info:
+        run_apply(src, ns)
+    assert info.value.exit_code == 1
+    assert not (tmp_path / "m-nemo.safetensors").exists()
+    assert (tmp_path / "m-nemo.safetensors.FAILED").is_file()
+    report = json.loads((tmp_path / "m-nemo.safetensors.FAILED.report.json").read_text())
+    assert report["ok"] is False
+
+
+def test_empty_neuron_set(tmp_path: Path) -> None:
+    src = write_ldm_file(tmp_path / "m.safetensors")
+    ns = write_neuron_set(tmp_path / "set.json", {REAL_LAYER: []})
+    with pytest.raises(InputError, match="no neurons"):
+        run_apply(src, ns)
+
+
+def test_not_a_unet_checkpoint(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"text_model.x": torch.ones(2)}, str(tmp_path / "te.safetensors"))
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    with pytest.raises(InputError, match="not a Stable Diffusion UNet checkpoint"):
+        run_apply(tmp_path / "te.safetensors", ns)
