@@ -16,14 +16,17 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .checkpoint.discover import Source, discover
-from .checkpoint.patch import guard_write, copy_range, patch_in_place, write_patched_copy
+from .checkpoint.patch import copy_range, fsync_file, guard_write, patch_in_place, write_patched_copy
 from .checkpoint.plan import FilePlan, PatchPlan, build_plan
+from .checkpoint.streaming import sha256_path
 from .checkpoint.report import FORMAT, VERSION, write_reports
 from .checkpoint.verify_struct import FileVerification, verify_copy, verify_in_place, verify_mirrored
 from .errors import InputError, NemoError
@@ -238,6 +241,28 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _patch_and_verify(fp: FilePlan, dst: Path, rel: str, result: ApplyResult) -> FileVerification:
+    """Write the patched copy and verify it, overlapping I/O-bound and CPU-bound steps.
+
+    The input's SHA-256 is computed while the kernel copies the data buffer, and
+    the fsync runs while the output is re-read and compared (from the page cache);
+    both finish before this returns, i.e. before any rename.
+    """
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        sha_in = pool.submit(sha256_path, fp.src, stop)
+        try:
+            meta = write_patched_copy(fp, dst, result.neuron_set_sha256, fsync=False)
+            _copy_mode(fp.src, dst)
+            synced = pool.submit(fsync_file, dst)
+            verification = verify_copy(fp, dst, meta, rel=rel, sha256_in=sha_in.result())
+            synced.result()
+        except BaseException:
+            stop.set()
+            raise
+    return verification
+
+
 def _apply_file_copy(plan: PatchPlan, result: ApplyResult, target: Path) -> None:
     fp = plan.files[0]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -245,9 +270,7 @@ def _apply_file_copy(plan: PatchPlan, result: ApplyResult, target: Path) -> None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        meta = write_patched_copy(fp, tmp, result.neuron_set_sha256)
-        _copy_mode(fp.src, tmp)
-        fr = FileResult(plan=fp, output=target, verification=verify_copy(fp, tmp, meta, rel=target.name))
+        fr = FileResult(plan=fp, output=target, verification=_patch_and_verify(fp, tmp, target.name, result))
         result.files.append(fr)
         _finish(result, tmp, target, is_folder=False)
         fr.output = result.output
@@ -277,9 +300,7 @@ def _apply_folder_copy(plan: PatchPlan, result: ApplyResult, target: Path) -> No
                     guard_write(dst, lambda s=src.resolve(), d=dst: _link_or_copy(s, d))
                     result.mirrored.append(verify_mirrored(str(rel), src, dst))
                     continue
-                meta = write_patched_copy(fp, dst, result.neuron_set_sha256)
-                _copy_mode(src, dst)
-                fr = FileResult(plan=fp, output=target / rel, verification=verify_copy(fp, dst, meta, rel=str(rel)))
+                fr = FileResult(plan=fp, output=target / rel, verification=_patch_and_verify(fp, dst, str(rel), result))
                 result.files.append(fr)
         _finish(result, tmp_root, target, is_folder=True)
         for fr in result.files:

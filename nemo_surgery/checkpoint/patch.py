@@ -20,9 +20,7 @@ from .. import __version__
 from ..errors import NemoError
 from .plan import FilePlan
 from .safetensors_file import encode_header
-
-#: Streaming chunk size (bytes) for copies and scans.
-CHUNK = 8 << 20
+from .streaming import CHUNK, DataScan, scan_file
 
 MODELSPEC_HASH = "modelspec.hash_sha256"
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
@@ -77,61 +75,6 @@ def zero_ranges(fd: int, base: int, ranges: list[tuple[int, int]]) -> None:
             pos += n
 
 
-@dataclass
-class DataScan:
-    """Digests of one streamed pass over a safetensors file."""
-
-    file_sha256: str
-    kept_sha256: str
-    zeroed_data_sha256: str | None
-    targets_zero: bool
-
-
-def _segments(chunk_off: int, chunk_len: int, ranges: list[tuple[int, int]]):
-    """Yield (start, end, inside) slices of a chunk, split at range borders (chunk-relative)."""
-    pos = 0
-    for off, length in ranges:
-        a, b = max(off - chunk_off, 0), min(off + length - chunk_off, chunk_len)
-        if b <= 0 or a >= chunk_len:
-            continue
-        if a > pos:
-            yield pos, a, False
-        yield a, b, True
-        pos = b
-    if pos < chunk_len:
-        yield pos, chunk_len, False
-
-
-def scan_file(path: Path, data_start: int, ranges: list[tuple[int, int]], want_zeroed: bool = False) -> DataScan:
-    """Stream a file once: full SHA-256, SHA-256 of bytes outside ranges, zero check of ranges.
-
-    With ``want_zeroed`` also the SHA-256 of the data buffer as it is after zeroing the ranges.
-    """
-    h_file, h_kept = hashlib.sha256(), hashlib.sha256()
-    h_zeroed = hashlib.sha256() if want_zeroed else None
-    zeros = bytes(CHUNK)
-    all_zero = True
-    buf = bytearray(CHUNK)
-    with open(path, "rb") as fh:
-        head = fh.read(data_start)
-        h_file.update(head)
-        pos = 0
-        while n := fh.readinto(buf):
-            view = memoryview(buf)[:n]
-            h_file.update(view)
-            for a, b, inside in _segments(pos, n, ranges):
-                if inside:
-                    all_zero = all_zero and view[a:b] == zeros[: b - a]
-                    if h_zeroed is not None:
-                        h_zeroed.update(zeros[: b - a])
-                else:
-                    h_kept.update(view[a:b])
-                    if h_zeroed is not None:
-                        h_zeroed.update(view[a:b])
-            pos += n
-    return DataScan(h_file.hexdigest(), h_kept.hexdigest(), h_zeroed.hexdigest() if h_zeroed else None, all_zero)
-
-
 def provenance_metadata(
     old: dict[str, str] | None, fp: FilePlan, neuron_set_sha256: str, data_sha256: str | None = None
 ) -> dict[str, str]:
@@ -173,11 +116,26 @@ def guard_write(path: Path, body: Callable[[], None]) -> None:
         raise NemoError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str) -> dict[str, str]:
-    """Write fp.src to dst (a fresh temp path) with new metadata and zeroed rows; fsync.
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk (ENOSPC and other errors become one-line NemoErrors)."""
+
+    def body() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    guard_write(path, body)
+
+
+def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: bool = True) -> dict[str, str]:
+    """Write fp.src to dst (a fresh temp path) with new metadata and zeroed rows; fsync unless told not to.
 
     Returns the metadata written. dst is removed on any failure; ENOSPC becomes
-    one actionable NemoError.
+    one actionable NemoError. Callers that verify before renaming pass
+    ``fsync=False`` and call ``fsync_file`` after verification (reads are served
+    from the page cache either way, and the kernel writes back meanwhile).
     """
     header = fp.header
     meta = provenance_metadata(header.metadata, fp, neuron_set_sha256)
@@ -199,7 +157,8 @@ def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str) -> dict[
                     final = encode_header(header, meta)
                     assert len(final) == len(head), "placeholder hash changed the header length"
                     write_at(dst_fd, final, 0)
-                os.fsync(dst_fd)
+                if fsync:
+                    os.fsync(dst_fd)
             finally:
                 os.close(dst_fd)
         finally:
@@ -230,7 +189,8 @@ def patch_in_place(fp: FilePlan, neuron_set_sha256: str) -> InPlaceResult:
     """
     header = fp.header
     ranges = fp.ranges
-    before = scan_file(fp.src, header.data_start, ranges, want_zeroed=True)
+    has_spec = MODELSPEC_HASH in (header.metadata or {})
+    before = scan_file(fp.src, header.data_start, ranges, want_zeroed=has_spec)
     meta = provenance_metadata(header.metadata, fp, neuron_set_sha256, before.zeroed_data_sha256)
     try:
         head = encode_header(header, meta, pad_to=header.header_len)

@@ -1,20 +1,20 @@
 """Structural verification of a patched file: header, tensor table, zero rows, untouched bytes.
 
 Re-opens the output and compares it with the input by streaming both in
-bounded chunks; SHA-256 digests are computed in worker threads (hashlib releases
-the GIL) while the main thread compares. Failures are returned as checks, not raised.
+bounded chunks (memcmp); SHA-256 digests run on worker threads while the main
+thread compares. Failures are returned as checks, not raised.
 """
 
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import NemoError
-from .patch import CHUNK, MODELSPEC_HASH, DataScan, _segments, scan_file
+from .patch import MODELSPEC_HASH
+from .streaming import CHUNK, DataScan, HashStream, is_zero, scan_file, segments
 from .plan import FilePlan
 from .safetensors_file import Header, cross_check, read_header
 
@@ -59,45 +59,73 @@ class CompareResult:
 
     sha256_in: str
     sha256_out: str
-    out_data_sha256: str
+    out_data_sha256: str | None
     targets_zero: bool
     others_identical: bool
     first_difference: int | None
 
 
 def compare_files(
-    src: Path, src_header: Header, out: Path, out_header: Header, ranges: list[tuple[int, int]]
+    src: Path,
+    src_header: Header,
+    out: Path,
+    out_header: Header,
+    ranges: list[tuple[int, int]],
+    want_data_sha: bool = False,
+    hash_input: bool = True,
 ) -> CompareResult:
-    """Stream both files: full SHA-256s, ranges all zero in out, all other data bytes equal."""
-    h_in, h_out, h_data = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    zeros = bytes(CHUNK)
+    """Stream both files: full SHA-256s, ranges all zero in out, all other data bytes equal.
+
+    Comparison is memcmp on bounded chunks; the digests run on worker threads.
+    With ``hash_input=False`` the input digest is left empty (the caller has it).
+    """
+    h_in, h_out = (HashStream() if hash_input else _NoHash()), HashStream()
+    h_data = HashStream() if want_data_sha else None
     targets_zero, first_diff = True, None
-    buf_in, buf_out = bytearray(CHUNK), bytearray(CHUNK)
-    with open(src, "rb") as fin, open(out, "rb") as fout, ThreadPoolExecutor(max_workers=2) as pool:
+    with open(src, "rb") as fin, open(out, "rb") as fout:
         h_in.update(fin.read(src_header.data_start))
         h_out.update(fout.read(out_header.data_start))
         pos = 0
         while True:
-            n_in, n_out = fin.readinto(buf_in), fout.readinto(buf_out)
-            if n_in != n_out:
-                first_diff = pos if first_diff is None else first_diff
+            c_in, c_out = fin.read(CHUNK), fout.read(CHUNK)
+            if len(c_in) != len(c_out):
+                first_diff = pos + min(len(c_in), len(c_out)) if first_diff is None else first_diff
+            if not c_in or not c_out:
                 break
-            if n_in == 0:
-                break
-            v_in, v_out = memoryview(buf_in)[:n_in], memoryview(buf_out)[:n_out]
-            jobs = [pool.submit(h_in.update, v_in), pool.submit(h_out.update, v_out)]
-            h_data.update(v_out)
-            for a, b, inside in _segments(pos, n_in, ranges):
-                if inside:
-                    targets_zero = targets_zero and v_out[a:b] == zeros[: b - a]
-                elif first_diff is None and v_out[a:b] != v_in[a:b]:
-                    first_diff = pos + a
-            for job in jobs:
-                job.result()
-            pos += n_in
+            h_in.update(c_in)
+            h_out.update(c_out)
+            if h_data is not None:
+                h_data.update(c_out)
+            pieces = list(segments(pos, len(c_in), ranges))
+            if len(pieces) == 1 and not pieces[0][2]:
+                if first_diff is None and c_in != c_out:
+                    first_diff = pos
+            else:
+                for a, b, inside in pieces:
+                    if inside:
+                        targets_zero = targets_zero and is_zero(c_out[a:b])
+                    elif first_diff is None and c_in[a:b] != c_out[a:b]:
+                        first_diff = pos + a
+            pos += len(c_in)
     return CompareResult(
-        h_in.hexdigest(), h_out.hexdigest(), h_data.hexdigest(), targets_zero, first_diff is None, first_diff
+        h_in.hexdigest(),
+        h_out.hexdigest(),
+        h_data.hexdigest() if h_data else None,
+        targets_zero,
+        first_diff is None,
+        first_diff,
     )
+
+
+class _NoHash:
+    """A stand-in HashStream that hashes nothing."""
+
+    def update(self, data: bytes) -> None:
+        """Ignore data."""
+
+    def hexdigest(self) -> str:
+        """No digest."""
+        return ""
 
 
 def _header_checks(result: FileVerification, fp: FilePlan, path: Path, metadata: dict[str, str] | None) -> Header | None:
@@ -126,14 +154,22 @@ def _modelspec_check(result: FileVerification, metadata: dict[str, str] | None, 
         result.add("modelspec.hash_sha256 matches data buffer", value == data_sha256, data_sha256)
 
 
-def verify_copy(fp: FilePlan, out: Path, metadata: dict[str, str], rel: str | None = None) -> FileVerification:
-    """Verify a patched copy ``out`` of ``fp.src`` against the plan and the metadata written."""
+def verify_copy(
+    fp: FilePlan, out: Path, metadata: dict[str, str], rel: str | None = None, sha256_in: str | None = None
+) -> FileVerification:
+    """Verify a patched copy ``out`` of ``fp.src`` against the plan and the metadata written.
+
+    ``sha256_in`` may carry the input's digest when the caller computed it already.
+    """
     result = FileVerification(rel=rel or str(fp.rel), output=out)
     out_header = _header_checks(result, fp, out, metadata)
     if out_header is None:
         return result
-    cmp = compare_files(fp.src, fp.header, out, out_header, fp.ranges)
-    result.sha256_in, result.sha256_out = cmp.sha256_in, cmp.sha256_out
+    want = bool(metadata and MODELSPEC_HASH in metadata)
+    cmp = compare_files(
+        fp.src, fp.header, out, out_header, fp.ranges, want_data_sha=want, hash_input=not sha256_in
+    )
+    result.sha256_in, result.sha256_out = sha256_in or cmp.sha256_in, cmp.sha256_out
     result.add("targeted rows all zero", cmp.targets_zero, f"{fp.bytes_zeroed} bytes in {len(fp.ranges)} ranges")
     result.add(
         "all other bytes identical",
@@ -142,7 +178,7 @@ def verify_copy(fp: FilePlan, out: Path, metadata: dict[str, str], rel: str | No
         if cmp.others_identical
         else f"first difference at data byte {cmp.first_difference}",
     )
-    _modelspec_check(result, metadata, cmp.out_data_sha256)
+    _modelspec_check(result, metadata, cmp.out_data_sha256 or "")
     return result
 
 
@@ -152,7 +188,8 @@ def verify_in_place(fp: FilePlan, before: DataScan, metadata: dict[str, str] | N
     out_header = _header_checks(result, fp, fp.src, metadata)
     if out_header is None:
         return result
-    after = scan_file(fp.src, out_header.data_start, fp.ranges, want_zeroed=True)
+    has_spec = bool(metadata and MODELSPEC_HASH in metadata)
+    after = scan_file(fp.src, out_header.data_start, fp.ranges, want_zeroed=has_spec)
     result.sha256_out = after.file_sha256
     result.add("targeted rows all zero", after.targets_zero, f"{fp.bytes_zeroed} bytes in {len(fp.ranges)} ranges")
     result.add(
