@@ -178,3 +178,16 @@ def test_in_place_updates_metadata_when_header_has_room(tmp_path: Path) -> None:
     assert meta["modelspec.hash_sha256"] == _data_sha(src)  # no 0x: the existing style is kept
     assert "nemo_surgery.rows_zeroed" in meta
     assert read_header(src).header_len == len(body)
+
+
+def test_in_place_pipeline_folder(tmp_path: Path) -> None:
+    src = write_pipeline(tmp_path / "pipe", "bf16", variants=(None, "fp16"))
+    pristine = tmp_path / "pristine.safetensors"
+    pristine.write_bytes((src / "unet" / "diffusion_pytorch_model.fp16.safetensors").read_bytes())
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    result = run_apply(src, ns, in_place=True)
+    assert result.ok and len(result.files) == 2
+    assert_patched(pristine, src / "unet" / "diffusion_pytorch_model.fp16.safetensors",
+                   expected_zeroed(DEFAULT_NEURONS, "diffusers"))
+    assert json.loads((src / "report.json").read_text())["in_place"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "pristine.safetensors", "set.json"]

@@ -143,3 +143,20 @@ def test_not_a_unet_checkpoint(tmp_path: Path) -> None:
     ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
     with pytest.raises(InputError, match="not a Stable Diffusion UNet checkpoint"):
         run_apply(tmp_path / "te.safetensors", ns)
+
+
+def test_folder_output_inside_input_and_broken_shard_index(tmp_path: Path) -> None:
+    src = write_pipeline(tmp_path / "pipe", shards=2)
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    with pytest.raises(InputError, match="inside the input folder"):
+        run_apply(src, ns, out=src / "sub")
+    index = src / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    doc["weight_map"][next(iter(doc["weight_map"]))] = "missing-shard.safetensors"
+    index.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="missing-shard.safetensors.*missing"):
+        run_apply(src, ns)
+    index.write_text("{not json")
+    with pytest.raises(InputError, match="corrupt shard index"):
+        run_apply(src, ns)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "set.json"]
