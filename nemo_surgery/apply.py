@@ -5,6 +5,12 @@ built beside their destination and renamed into place only after structural
 verification passed; a failed verification leaves ``<out>.FAILED`` plus a report
 with ``"ok": false`` and raises ``ApplyFailed``.
 
+Order per patched file: copy with new header and zeroed rows into a temp path
+in the destination folder; re-open and verify it (while fsync runs); rename.
+Folder outputs are assembled in a temp sibling folder (unchanged files
+hard-linked, else copied) and renamed as a whole; an existing output replaced
+with ``force`` is removed only after the new one is in place.
+
 Report locations: a folder output holds ``report.json``/``report.md`` inside it;
 a single-file output gets ``<out>.report.json``/``<out>.report.md`` beside it.
 """

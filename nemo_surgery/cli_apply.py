@@ -11,8 +11,11 @@ from .console import console, info
 
 
 def _print_plan(result: ApplyResult) -> None:
-    title = "patch plan (dry run, nothing written)" if result.dry_run else "patched"
-    table = Table(title=f"{title}: {result.ckpt} ({result.layout})", title_justify="left")
+    if result.dry_run:
+        title = f"patch plan (dry run, nothing written): {result.ckpt} -> {result.output} ({result.layout})"
+    else:
+        title = f"patched: {result.ckpt} -> {result.output} ({result.layout})"
+    table = Table(title=title, title_justify="left")
     for col in ("file", "key", "rows", "bytes"):
         table.add_column(col, justify="right" if col in ("rows", "bytes") else "left")
     for f in result.files:
