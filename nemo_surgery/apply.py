@@ -30,7 +30,7 @@ from typing import Any
 
 from . import __version__
 from .checkpoint.discover import Source, discover
-from .checkpoint.patch import copy_range, fsync_file, guard_write, patch_in_place, write_patched_copy
+from .checkpoint.patch import MODELSPEC_HASH, copy_range, fsync_file, guard_write, patch_in_place, write_patched_copy
 from .checkpoint.plan import FilePlan, PatchPlan, build_plan
 from .checkpoint.streaming import sha256_path
 from .checkpoint.report import FORMAT, VERSION, write_reports
@@ -188,6 +188,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             raise
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         copy_range(fin.fileno(), fout.fileno(), 0, 0, os.fstat(fin.fileno()).st_size)
+        os.fsync(fout.fileno())
     shutil.copystat(src, dst)
 
 
@@ -363,6 +364,11 @@ def run_apply(
         dry_run=dry_run,
         files=[] if not dry_run else [FileResult(plan=fp, output=_planned_output(fp, source, target)) for fp in plan.files],
     )
+    if any(MODELSPEC_HASH in (fp.header.metadata or {}) for fp in plan.files):
+        result.notes.append(
+            "modelspec.hash_sha256 is refreshed as the SHA-256 of the tensor data buffer (header excluded), "
+            "as the SAI ModelSpec defines it"
+        )
     if dry_run:
         return result
     if in_place:
