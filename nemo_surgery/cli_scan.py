@@ -1,1 +1,167 @@
-"""`nemo-surgery stats` and `scan`: thin CLI over the localization engine (being built)."""
+"""`nemo-surgery stats` and `scan`: thin CLI over the localization engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .cli import emit_json, json_option, main, quiet_option, run_command
+from .model import DEVICES, DTYPES
+
+MODEL_HELP = "Diffusers pipeline folder or hub id (cache only, offline). Default: the embedded demo model."
+
+
+def model_options(f):
+    """--model, --device, --dtype and --batch-size, shared by stats and scan."""
+    f = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
+                     help="Most UNet samples per forward call (lower it when memory is short).")(f)
+    f = click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
+                     help="Weights and activations dtype (fp16/bf16 on GPUs).")(f)
+    f = click.option("--device", default="auto", show_default=True,
+                     help=f"One of {', '.join(DEVICES)} (or cuda:N); auto picks cuda, then mps, then cpu.")(f)
+    f = click.option("--model", "-m", "model", default=None, help=MODEL_HELP)(f)
+    return f
+
+
+def _load(model, device, dtype):
+    from .console import console
+    from .model import load_model
+
+    with console.status("loading model"):
+        return load_model(model, device=device, dtype=dtype)
+
+
+def _default_stats_path(model: str | None) -> Path:
+    from .model import DEMO_MODEL_DIR
+
+    return (Path(model) if model else DEMO_MODEL_DIR) / "nemo_stats.json"
+
+
+@main.command("stats")
+@click.argument("holdout", type=click.Path(path_type=Path))
+@model_options
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Statistics JSON to write.")
+@click.option("--column", default="prompt", show_default=True, help="Prompt column of a CSV/JSONL file.")
+@click.option("--max-prompts", type=click.IntRange(2), default=None, help="Use at most this many hold-out prompts.")
+@click.option("--seeds", default=10, show_default=True, type=click.IntRange(2), help="Seeds per prompt.")
+@click.option("--seed", default=1, show_default=True, help="Seed of the generator that draws the initial noise.")
+@click.option("--steps", "inference_steps", default=50, show_default=True, type=click.IntRange(2), help="DDIM steps.")
+@click.option("--timestep-index", default=1, show_default=True, type=click.IntRange(0),
+              help="Which step of the DDIM schedule is scored (1 = the second, as NeMo).")
+@click.option("--guidance", "guidance_scale", default=0.0, show_default=True,
+              help="Guidance scale of the scored prediction; <= 1 means text-conditional only.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@quiet_option
+@json_option
+@run_command
+def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompts, seeds, seed,
+              inference_steps, timestep_index, guidance_scale, force, quiet, as_json):
+    """Calibrate tau and neuron statistics on HOLDOUT (non-memorized prompts).
+
+    HOLDOUT is a prompt list: UTF-8 text (one per line, # comments), or CSV/JSONL
+    with --column. Runs the text encoder and value layers for the statistics and
+    the UNet's first-step prediction for tau, with exactly the detection settings.
+    """
+    from .console import info, progress
+    from .errors import InputError
+    from .prompts import read_prompts
+    from .scoring import ScoreSettings
+    from .ssim import SSIMConfig
+    from .stats import compute_stats
+
+    prompts = read_prompts(holdout, column)
+    if max_prompts:
+        prompts = prompts[:max_prompts]
+    if len(prompts) < 2:
+        raise InputError(f"{holdout}: at least 2 hold-out prompts are needed to estimate a spread")
+    if out.exists() and not force:
+        raise InputError(f"{out}: exists; pass --force to overwrite it")
+    loaded = _load(model, device, dtype)
+    _, h, w = loaded.latent_shape
+    settings = ScoreSettings(seeds=seeds, seed=seed, inference_steps=inference_steps,
+                             timestep_index=timestep_index, guidance_scale=guidance_scale,
+                             ssim=SSIMConfig.fit(h, w))
+    with progress("hold-out prompts", len(prompts)) as advance:
+        result = compute_stats(loaded, [p.text for p in prompts], settings, batch_size, advance, dtype)
+    result.save(out)
+    info(f"tau = {result.tau:.4f} from {result.pairwise.count} pairwise scores of {result.prompt_count} prompts; "
+         f"{result.holdout_flagged} hold-out prompt(s) would be flagged as memorized")
+    info(f"SSIM: {settings.ssim.scales} scale(s), window {settings.ssim.kernel_size} for {h}x{w} latents")
+    info(f"wrote {out}")
+    if as_json:
+        emit_json({"out": str(out), "tau": result.tau, "prompts": result.prompt_count,
+                   "holdout_flagged": result.holdout_flagged, "fingerprint": result.fingerprint,
+                   "ssim": settings.ssim.to_json()})
+
+
+@main.command("scan")
+@click.argument("prompts_file", metavar="PROMPTS", type=click.Path(path_type=Path))
+@model_options
+@click.option("--stats", "stats_path", type=click.Path(path_type=Path), default=None,
+              help="Statistics from `nemo-surgery stats` (default: the demo model's, with no --model).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("neurons.json"), show_default=True,
+              help="Neuron set JSON to write; per-prompt records go to <out stem>.records.jsonl beside it.")
+@click.option("--layers", default="default", show_default=True,
+              help="'default' (down + mid blocks, as NeMo), 'all', or a comma list of layer ids or prefixes.")
+@click.option("--column", default="prompt", show_default=True, help="Prompt column of a CSV/JSONL file.")
+@click.option("--resume", is_flag=True, help="Skip prompts already in the records file and continue.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output and records file.")
+@quiet_option
+@json_option
+@run_command
+def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, layers, column, resume, force,
+             quiet, as_json):
+    """Find the neurons that trigger memorization for each prompt in PROMPTS and merge them.
+
+    Exit code 0 when every memorized prompt was mitigated (or none was
+    memorized), 3 when some memorized prompt could not be mitigated.
+    """
+    from .console import console, info, progress, warn
+    from .errors import InputError
+    from .prompts import read_prompts
+    from .scan import run_scan
+    from .stats import load_stats
+
+    prompts = read_prompts(prompts_file, column)
+    if stats_path is None:
+        stats_path = _default_stats_path(model)
+        if model is not None or not stats_path.is_file():
+            raise InputError("--stats is required with --model; compute it with `nemo-surgery stats HOLDOUT --model M --out STATS`")
+    stats = load_stats(stats_path)
+    loaded = _load(model, device, dtype)
+    with progress("prompts", len(prompts)) as advance:
+
+        def on_result(res):
+            if res.truncated:
+                warn(f"prompt {res.index} is longer than {loaded.max_tokens} tokens and was truncated")
+            advance()
+
+        summary = run_scan(loaded, stats, stats_path, prompts, out, layers=layers, batch_size=batch_size,
+                           resume=resume, force=force, on_result=on_result)
+    _print_summary(summary, console)
+    if as_json:
+        emit_json(summary.to_json())
+    return summary.exit_code
+
+
+def _print_summary(summary, console) -> None:
+    from rich.table import Table
+
+    from .console import info
+    table = Table(title=f"scan (tau = {summary.tau:.4f})", show_lines=False)
+    for col in ("#", "prompt", "memorized", "detection", "neurons", "score", "verdict"):
+        table.add_column(col, overflow="fold")
+    for r in summary.results:
+        verdict = "-" if not r.memorized else ("mitigated" if r.mitigated else "[red]NOT mitigated[/red]")
+        table.add_row(str(r.index), r.prompt[:48], "yes" if r.memorized else "no", f"{r.detection_score:.3f}",
+                      str(r.count) if r.memorized else "-",
+                      f"{r.final_score:.3f}" if r.final_score is not None else "-", verdict)
+    console.print(table)
+    if summary.memorized == 0:
+        info("no memorized prompt found: the neuron set is empty (nothing to prune)")
+    if summary.not_mitigated:
+        info(f"[red]{len(summary.not_mitigated)} memorized prompt(s) could not be mitigated[/red] by any candidate set "
+             f"(prompts {summary.not_mitigated}); they are not in the set")
+    info(f"{summary.total_neurons} neuron(s) in {len(summary.neurons_per_layer)} layer(s) -> {summary.out}"
+         f" (records: {summary.records}; {summary.unet_calls} UNet calls, {summary.seconds:.1f} s)")

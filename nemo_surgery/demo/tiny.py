@@ -39,25 +39,33 @@ def _byte_alphabet() -> list[str]:
 
 
 def build_tokenizer(words: tuple[str, ...] = DEFAULT_WORDS, max_length: int = 77):
-    """Build a CLIPTokenizer with a byte fallback alphabet plus whole-word tokens."""
+    """Build a CLIPTokenizer whose BPE merges spell every word of ``words`` as one token.
+
+    The merges are learned with the ``tokenizers`` BPE trainer on the word list
+    itself; the byte alphabet keeps any other text encodable.
+    """
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in _byte_alphabet():
-        for tok in (ch, ch + "</w>"):
-            vocab.setdefault(tok, len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for nxt in pieces[1:]:
-            merge = (current, nxt)
-            current = current + nxt
-            if merge not in seen:
-                seen.add(merge)
-                merges.append(merge)
-            vocab.setdefault(current, len(vocab))
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1_000_000,
+        min_frequency=1,
+        special_tokens=specials,
+        initial_alphabet=_byte_alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator([w.lower() for w in words], trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    vocab = dict(model["vocab"])
+    for ch in _byte_alphabet():  # every byte also as a word end
+        vocab.setdefault(ch + "</w>", len(vocab))
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = max_length
     return tok
@@ -76,6 +84,8 @@ class TinySpec:
     text_hidden: int = 32
     text_layers: int = 2
     text_heads: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
     words: tuple[str, ...] = field(default=DEFAULT_WORDS)
     seed: int = 0
 
@@ -95,7 +105,8 @@ def build_unet(spec: TinySpec):
         up_block_types=("CrossAttnUpBlock2D",) * n,
         cross_attention_dim=spec.cross_attention_dim,
         attention_head_dim=spec.attention_head_dim,
-        norm_num_groups=min(32, min(spec.block_out_channels)),
+        norm_num_groups=min(spec.norm_num_groups, min(spec.block_out_channels)),
+        norm_eps=spec.norm_eps,
     )
 
 

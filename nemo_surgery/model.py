@@ -1,0 +1,248 @@
+"""Load a Stable Diffusion pipeline for scanning, encode prompts, fingerprint the model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .layers import ValueLayer, discover_value_layers
+
+#: The embedded demo pipeline, the default of --model.
+DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "assets" / "model"
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map --device (auto/cpu/cuda/mps, or e.g. cuda:1) to a torch device that exists here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps: MPS is not available on this machine; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: unknown device; use one of {', '.join(DEVICES)}") from None
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map --dtype (fp32/fp16/bf16) to a torch dtype."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise InputError(f"--dtype {name!r}: use one of {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch of prompts, ready for the UNet."""
+
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+    truncated: list[bool] = field(default_factory=list)
+
+    def repeat(self, n: int) -> Conditioning:
+        """Repeat a one-prompt conditioning n times along the batch."""
+        added = {k: v.expand(n, *v.shape[1:]) for k, v in self.added.items()} if self.added else None
+        return Conditioning(self.hidden.expand(n, *self.hidden.shape[1:]), added, self.truncated * n)
+
+    def select(self, index: torch.Tensor) -> Conditioning:
+        """Pick (and possibly repeat) prompts by batch index."""
+        added = {k: v[index] for k, v in self.added.items()} if self.added else None
+        truncated = [self.truncated[i] for i in index.tolist()] if self.truncated else []
+        return Conditioning(self.hidden[index], added, truncated)
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``unet(latents, t, **kwargs)``."""
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden}
+        if self.added is not None:
+            kwargs["added_cond_kwargs"] = self.added
+        return kwargs
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline plus what scanning needs to know about it."""
+
+    pipe: Any
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoising UNet."""
+        return self.pipe.unet
+
+    @property
+    def is_xl(self) -> bool:
+        """True for SDXL-style pipelines (two text encoders, added conditioning)."""
+        return getattr(self.pipe, "text_encoder_2", None) is not None
+
+    @cached_property
+    def layers(self) -> list[ValueLayer]:
+        """Every cross-attention value layer, in forward order."""
+        found = discover_value_layers(self.unet)
+        if not found:
+            raise InputError(f"{self.source}: the UNet has no cross-attention value layers (attn2.to_v)")
+        return found
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the UNet's latent at its configured sample size."""
+        cfg = self.unet.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (cfg.in_channels, h, w)
+
+    @property
+    def max_tokens(self) -> int:
+        """The tokenizer's sequence length (77 for CLIP)."""
+        return int(self.pipe.tokenizer.model_max_length)
+
+    def token_count(self, prompt: str) -> int:
+        """Number of tokens of a prompt including start/end tokens, before truncation."""
+        with _quiet_diffusers():
+            return len(self.pipe.tokenizer(prompt, truncation=False).input_ids)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts into UNet conditioning (truncating to the tokenizer limit)."""
+        truncated = [self.token_count(p) > self.max_tokens for p in prompts]
+        if self.is_xl:
+            return self._encode_xl(prompts, truncated)
+        tok = self.pipe.tokenizer(
+            prompts, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
+        )
+        encoder = self.pipe.text_encoder
+        mask = tok.attention_mask.to(self.device) if getattr(encoder.config, "use_attention_mask", False) else None
+        hidden = encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+        return Conditioning(hidden.to(self.dtype), None, truncated)
+
+    def _encode_xl(self, prompts: list[str], truncated: list[bool]) -> Conditioning:
+        with _quiet_diffusers():
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        _, h, w = self.latent_shape
+        scale = getattr(self.pipe, "vae_scale_factor", 8)
+        size = (h * scale, w * scale)
+        time_ids = torch.tensor([list(size) + [0, 0] + list(size)], device=self.device, dtype=self.dtype)
+        added = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.expand(len(prompts), -1)}
+        return Conditioning(embeds.to(self.dtype), added, truncated)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 over the UNet config and the value, input and output weights (fp16-rounded).
+
+        Statistics and neuron sets carry it so that they are never used on
+        another model; rounding to fp16 makes fp32 and fp16 loads of one
+        checkpoint agree.
+        """
+        h = hashlib.sha256()
+        cfg = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        tensors = [(layer.id, layer.module.weight) for layer in self.layers]
+        tensors += [("conv_in.weight", self.unet.conv_in.weight), ("conv_out.weight", self.unet.conv_out.weight)]
+        for name, tensor in tensors:
+            h.update(name.encode())
+            h.update(str(tuple(tensor.shape)).encode())
+            h.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+class _quiet_diffusers:
+    """Silence diffusers/transformers logging, warnings and progress bars inside the block."""
+
+    def __enter__(self) -> None:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        self._mods = (dlog, tlog)
+        self._levels = [m.get_verbosity() for m in self._mods]
+        for m in self._mods:
+            m.set_verbosity_error()
+            m.disable_progress_bar()
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc: object) -> None:
+        for m, level in zip(self._mods, self._levels):
+            m.set_verbosity(level)
+            m.enable_progress_bar()
+        self._warn.__exit__(*exc)
+
+
+def _check_local_pipeline(path: Path) -> None:
+    if not path.is_dir():
+        raise InputError(f"{path}: not a folder; --model takes a diffusers pipeline folder or a hub id")
+    if not (path / "model_index.json").is_file():
+        hint = " (this looks like a UNet folder; pass the pipeline folder above it)" if (path / "config.json").is_file() else ""
+        raise InputError(f"{path}: not a diffusers pipeline folder (no model_index.json){hint}")
+    for part in ("unet", "text_encoder", "tokenizer"):
+        if not (path / part).is_dir():
+            raise InputError(f"{path}: diffusers pipeline folder without '{part}/'; scanning needs unet, text_encoder and tokenizer")
+
+
+def load_model(
+    model: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+    with_vae: bool = False,
+) -> LoadedModel:
+    """Load a pipeline from a local diffusers folder or a hub id (cache works offline).
+
+    ``model=None`` loads the embedded demo pipeline. The VAE is skipped unless
+    ``with_vae`` (full sampling needs it; scanning does not).
+    """
+    from diffusers import DiffusionPipeline
+
+    source = str(model) if model is not None else str(DEMO_MODEL_DIR)
+    path = Path(source).expanduser()
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    local = path.exists() or source.startswith((".", "/", "~")) or model is None
+    if local:
+        _check_local_pipeline(path)
+    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if not with_vae:
+        extra["vae"] = None
+    try:
+        with _quiet_diffusers():
+            pipe = DiffusionPipeline.from_pretrained(str(path) if local else source, torch_dtype=torch_dtype, **extra)
+    except InputError:
+        raise
+    except Exception as exc:  # diffusers raises many types: OSError, EnvironmentError, HTTP errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if local:
+            raise InputError(f"{path}: could not load the pipeline ({first[:200]})") from None
+        raise InputError(
+            f"{source}: not a local folder and not loadable from the hub or its local cache ({first[:160]}); "
+            "download it first or pass a local pipeline folder"
+        ) from None
+    for part in ("unet", "text_encoder", "tokenizer"):
+        if getattr(pipe, part, None) is None:
+            raise InputError(f"{source}: pipeline has no {part}; nemo-surgery needs a Stable Diffusion pipeline")
+    pipe.to(torch_device)
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, part, None)
+        if module is not None:
+            module.eval().requires_grad_(False)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(pipe=pipe, source=source, device=torch_device, dtype=torch_dtype)

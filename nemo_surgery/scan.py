@@ -1,0 +1,335 @@
+"""`scan`: localize memorization neurons prompt by prompt and merge them into one set.
+
+Per prompt: detection (pre-filter) -> initial selection -> refinement, with
+records streamed to a JSONL file beside the output so an interrupted scan
+resumes. The union over mitigated prompts becomes the neuron set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import EXIT_OK, EXIT_VERDICT, InputError
+from .layers import ValueLayer, select_layers
+from .model import LoadedModel
+from .neuron_set import LayerNeurons, NeuronSet, sha256_file
+from .prompts import Prompt
+from .scoring import Scorer
+from .selection import SelectionSettings, initial_selection, refine
+from .stats import Stats, value_activations
+
+RECORDS_SUFFIX = ".records.jsonl"
+
+
+@dataclass
+class PromptResult:
+    """What the scan found for one prompt (one JSONL record)."""
+
+    index: int
+    prompt: str
+    memorized: bool
+    detection_score: float
+    mean_pairwise: float
+    kept_seeds: list[int]
+    truncated: bool = False
+    initial_neurons: dict[str, list[int]] = field(default_factory=dict)
+    initial_count: int = 0
+    initial_score: float | None = None
+    theta: float | None = None
+    k: int | None = None
+    neurons: dict[str, list[int]] = field(default_factory=dict)
+    count: int = 0
+    final_score: float | None = None
+    mitigated: bool | None = None
+    unet_calls: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the record as JSON."""
+        return {"type": "prompt", **asdict(self)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> PromptResult:
+        """Rebuild a record from JSON."""
+        doc = {k: v for k, v in doc.items() if k != "type"}
+        return cls(**doc)
+
+
+def scan_prompt(
+    scorer: Scorer,
+    stats: Stats,
+    prompt: Prompt,
+    selection: SelectionSettings = SelectionSettings(),
+) -> PromptResult:
+    """Run detection, initial selection and refinement for one prompt."""
+    started = time.perf_counter()
+    calls0, samples0 = scorer.counter.calls, scorer.counter.samples
+    tau = stats.tau
+    cond = scorer.model.encode([prompt.text])
+    base = scorer.noise_differences(cond)[0]
+    det = scorer.detect(base, tau)
+    result = PromptResult(
+        index=prompt.index,
+        prompt=prompt.text,
+        memorized=det.mean_pairwise > tau and det.kept.numel() > 0,
+        detection_score=round(det.score, 6),
+        mean_pairwise=round(det.mean_pairwise, 6),
+        kept_seeds=det.kept.tolist(),
+        truncated=bool(cond.truncated[0]) if cond.truncated else False,
+    )
+    if result.memorized:
+        acts = value_activations(scorer.layers, cond.hidden)[0].cpu()
+        z = stats.z_scores(scorer.layers, acts)
+        width = max(1, scorer.batch_size // det.kept.numel())
+
+        def oracle(masks: torch.Tensor) -> torch.Tensor:
+            return scorer.mitigation_scores(cond, base, det.kept, masks)
+
+        init = initial_selection(z, acts, scorer.slices, oracle, tau, width, selection)
+        result.initial_neurons = scorer.split(init.blocked)
+        result.initial_count = int(init.blocked.sum())
+        result.initial_score = round(init.score, 6)
+        result.theta, result.k = init.theta, init.k
+        result.mitigated = init.mitigated
+        if init.mitigated:
+            final = refine(init.blocked, scorer.slices, z, oracle, tau, width)
+            result.neurons = scorer.split(final)
+            result.count = int(final.sum())
+            result.final_score = round(float(oracle(final.unsqueeze(0))[0]), 6)
+        else:
+            result.final_score = round(init.best_score, 6)
+    result.unet_calls = scorer.counter.calls - calls0
+    result.samples = scorer.counter.samples - samples0
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def build_neuron_set(
+    results: list[PromptResult],
+    layers: list[ValueLayer],
+    model: LoadedModel,
+    settings: dict[str, Any],
+) -> NeuronSet:
+    """Merge the neurons of every mitigated prompt into one set (one entry per scanned layer)."""
+    needed: dict[str, dict[int, list[int]]] = {layer.id: {} for layer in layers}
+    for res in results:
+        if not res.mitigated:
+            continue
+        for lid, idx in res.neurons.items():
+            for n in idx:
+                needed[lid].setdefault(n, []).append(res.index)
+    entries = []
+    for layer in layers:
+        neurons = sorted(needed[layer.id])
+        entries.append(
+            LayerNeurons(
+                id=layer.id,
+                ldm_id=layer.ldm_id,
+                rows=layer.rows,
+                cols=layer.cols,
+                neurons=neurons,
+                needed_by=[sorted(needed[layer.id][n]) for n in neurons],
+            )
+        )
+    prompts = [
+        {
+            "index": r.index,
+            "prompt": r.prompt,
+            "memorized": r.memorized,
+            "mitigated": r.mitigated,
+            "neurons": r.count,
+            "detection_score": r.detection_score,
+            "final_score": r.final_score,
+        }
+        for r in sorted(results, key=lambda r: r.index)
+    ]
+    return NeuronSet(
+        layers=entries, fingerprint=model.fingerprint, source=model.source, settings=settings, prompts=prompts
+    )
+
+
+# -- records file (JSONL), resumable ------------------------------------------------------
+
+
+def records_path_for(out: str | Path) -> Path:
+    """The JSONL records file that belongs to a neuron-set output path."""
+    out = Path(out)
+    return out.with_name(out.stem + RECORDS_SUFFIX)
+
+
+class RecordLog:
+    """Append-only JSONL of per-prompt results with a header that pins model and settings."""
+
+    def __init__(self, path: Path, header: dict[str, Any]):
+        self.path = path
+        self.header = {"type": "header", **header}
+
+    def load(self) -> list[PromptResult]:
+        """Read finished records for resuming; a torn last line is dropped from the file."""
+        raw = self.path.read_bytes()
+        good_end, results, header = 0, [], None
+        for line in raw.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            good_end += len(line)
+            if doc.get("type") == "header":
+                header = doc
+            elif doc.get("type") == "prompt":
+                results.append(PromptResult.from_json(doc))
+        if header is None:
+            raise InputError(f"{self.path}: not a scan records file; remove it or choose another --out")
+        for key in ("fingerprint", "stats_sha256", "layers", "settings"):
+            if header.get(key) != self.header.get(key):
+                raise InputError(
+                    f"{self.path}: records were made with a different {key.replace('_', ' ')}; "
+                    "rerun without --resume and with --force to start over"
+                )
+        if good_end < len(raw):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_end)
+        return results
+
+    def start(self) -> None:
+        """Create the file with its header (replacing an old one)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(self.header) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def append(self, result: PromptResult) -> None:
+        """Append one record durably."""
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(result.to_json()) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+@dataclass
+class ScanSummary:
+    """Outcome of a whole scan."""
+
+    out: str
+    records: str
+    prompts: int
+    memorized: int
+    mitigated: int
+    not_mitigated: list[int]
+    resumed: int
+    total_neurons: int
+    neurons_per_layer: dict[str, int]
+    tau: float
+    unet_calls: int
+    samples: int
+    seconds: float
+    truncated: list[int]
+    results: list[PromptResult] = field(default_factory=list, repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every memorized prompt was mitigated (or none was memorized), else 3."""
+        return EXIT_VERDICT if self.not_mitigated else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the summary as JSON."""
+        out = {k: v for k, v in asdict(self).items() if k != "results"}
+        out["exit_code"] = self.exit_code
+        out["results"] = [r.to_json() for r in self.results]
+        return out
+
+
+def run_scan(
+    model: LoadedModel,
+    stats: Stats,
+    stats_path: str | Path,
+    prompts: list[Prompt],
+    out: str | Path,
+    layers: str = "default",
+    batch_size: int = 32,
+    resume: bool = False,
+    force: bool = False,
+    selection: SelectionSettings = SelectionSettings(),
+    on_result=None,
+) -> ScanSummary:
+    """Scan every prompt, stream records, and write the merged neuron set atomically to ``out``.
+
+    ``on_result(result)`` is called after each prompt (progress, warnings).
+    """
+    from .stats import check_stats_match
+
+    out = Path(out)
+    check_stats_match(stats, model, stats_path)
+    chosen = select_layers(model.layers, layers)
+    if out.exists() and not (force or resume):
+        raise InputError(f"{out}: exists; pass --force to overwrite it or --resume to continue its scan")
+    settings = {
+        "score": stats.settings.to_json(),
+        "tau": stats.tau,
+        "layers": [layer.id for layer in chosen],
+        "selection": asdict(selection),
+        "detection_rule": "memorized when the mean pairwise MS-SSIM over seeds exceeds tau",
+        "stats": {"path": str(stats_path), "sha256": sha256_file(stats_path), "prompt_count": stats.prompt_count},
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+    log = RecordLog(
+        records_path_for(out),
+        {
+            "fingerprint": model.fingerprint,
+            "stats_sha256": settings["stats"]["sha256"],
+            "layers": settings["layers"],
+            "settings": {"score": settings["score"], "selection": settings["selection"]},
+        },
+    )
+    done: list[PromptResult] = []
+    if resume and log.path.exists():
+        done = log.load()
+    elif log.path.exists() and not force:
+        raise InputError(f"{log.path}: records of an earlier scan exist; pass --resume to continue or --force to start over")
+    else:
+        log.start()
+    finished = {(r.index, r.prompt) for r in done}
+    resumed = len(done)
+    scorer = Scorer(model, chosen, stats.settings, batch_size=batch_size)
+    started = time.perf_counter()
+    results = list(done)
+    for prompt in prompts:
+        if (prompt.index, prompt.text) in finished:
+            continue
+        res = scan_prompt(scorer, stats, prompt, selection)
+        log.append(res)
+        results.append(res)
+        if on_result is not None:
+            on_result(res)
+    wanted = {(p.index, p.text) for p in prompts}
+    results = [r for r in results if (r.index, r.prompt) in wanted]
+    neuron_set = build_neuron_set(results, chosen, model, settings)
+    neuron_set.save(out)
+    return ScanSummary(
+        out=str(out),
+        records=str(log.path),
+        prompts=len(results),
+        memorized=sum(r.memorized for r in results),
+        mitigated=sum(bool(r.mitigated) for r in results),
+        not_mitigated=[r.index for r in results if r.memorized and not r.mitigated],
+        resumed=resumed,
+        total_neurons=neuron_set.total,
+        neurons_per_layer={layer.id: len(layer.neurons) for layer in neuron_set.layers if layer.neurons},
+        tau=stats.tau,
+        unet_calls=sum(r.unet_calls for r in results),
+        samples=sum(r.samples for r in results),
+        seconds=round(time.perf_counter() - started, 3),
+        truncated=[r.index for r in results if r.truncated],
+        results=sorted(results, key=lambda r: r.index),
+    )
