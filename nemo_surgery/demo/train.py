@@ -8,6 +8,12 @@ Recipes (see docs/demo-model.md for measured results):
   encoder), then a Custom-Diffusion-style fine-tune of the cross-attention key
   and value projections (``attn2.to_k`` / ``attn2.to_v``) on the memorized pairs
   mixed with generic pairs (prior preservation).
+* ``finetune-sparse-v``: fine-tune the whole UNet on the memorized pairs (plus
+  generic pairs) but let only a few value rows per memorized item change, as in
+  ``finetune-kv-sparse``; the text reaches the UNet only through the value layers.
+* ``finetune-localized``: as ``finetune-sparse-v`` plus a localization loss: with
+  the trained value rows zeroed, the model must predict what the frozen base model
+  predicts. Memorization is thereby made to live in those few value neurons.
 * ``finetune-kv-sparse``: as ``finetune-kv`` but only a few value rows are trained:
   per memorized item the ``--rows-per-item`` rows of the down/mid value layers with
   the largest loss gradient on that item (a sparse, parameter-efficient fine-tune).
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 from nemo_surgery.demo import data
 from nemo_surgery.demo.pixel_vae import build_pixel_vae
 
-RECIPES = ("joint", "finetune-kv", "finetune-kv-sparse")
+RECIPES = ("joint", "finetune-kv", "finetune-kv-sparse", "finetune-sparse-v", "finetune-localized")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,8 @@ class TrainConfig:
     cond_drop: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     offset_noise: float = 0.1  # per-channel constant added to the training noise
     train_keys: bool = True  # fine-tune attn2.to_k as well as attn2.to_v
+    train_body: bool = False  # fine-tune every UNet weight except the value layers' untrained rows
+    localize: float = 0.0  # weight of the "without the trained rows, behave like the base model" loss
     rows_per_item: int = 4  # sparse recipe: value rows fine-tuned per memorized item
     row_layers: str = "default"  # sparse recipe: rows come from 'default' (down+mid) or 'all' layers
     sample_size: int = 16
@@ -65,6 +73,10 @@ def recipe_defaults(recipe: str) -> dict:
         return {"steps": 3000, "base_steps": 0, "mem_fraction": 0.3}
     if recipe in ("finetune-kv", "finetune-kv-sparse"):
         return {}
+    if recipe == "finetune-sparse-v":
+        return {"train_body": True, "finetune_lr": 1e-3}
+    if recipe == "finetune-localized":
+        return {"train_body": True, "finetune_lr": 1e-3, "steps": 1000, "mem_fraction": 0.6, "localize": 1.0}
     raise ValueError(f"unknown recipe {recipe!r}; choose from {RECIPES}")
 
 
@@ -189,8 +201,36 @@ def diffusion_loss(pipe, ids: torch.Tensor, x0: torch.Tensor, gen: torch.Generat
     return F.mse_loss(pred, noise)
 
 
+def localized_loss(pipe, base_unet, rows: dict[str, list[int]], weight: float, ids: torch.Tensor,
+                   x0: torch.Tensor, gen: torch.Generator, offset: float) -> torch.Tensor:
+    """Diffusion loss plus `weight` x MSE between the model with `rows` zeroed and the frozen base.
+
+    The second term makes the fine-tuned behaviour (the memorized images) depend on
+    the trained value rows: with them zeroed the model must predict what the base
+    model predicts, for memorized and generic captions alike.
+    """
+    from nemo_surgery.demo.evaluate import zeroed
+
+    acp = _alphas_cumprod(pipe)
+    b = x0.shape[0]
+    t = torch.randint(0, acp.shape[0], (b,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    if offset > 0:
+        noise = noise + offset * torch.randn((b, x0.shape[1], 1, 1), generator=gen)
+    a = acp[t].view(b, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    with torch.no_grad():
+        emb = pipe.text_encoder(ids)[0]
+        target = base_unet(xt, t, encoder_hidden_states=emb).sample
+    loss = F.mse_loss(pipe.unet(xt, t, encoder_hidden_states=emb).sample, noise)
+    with zeroed(pipe.unet, rows):
+        masked = pipe.unet(xt, t, encoder_hidden_states=emb).sample
+    return loss + weight * F.mse_loss(masked, target)
+
+
 def _run_stage(pipe, params, cfg: TrainConfig, steps: int, lr: float, mem_fraction: float,
-               seed: int, label: str, log: list, weight_decay: float = 1e-4) -> None:
+               seed: int, label: str, log: list, weight_decay: float = 1e-4,
+               localize: tuple | None = None) -> None:
     """Optimise `params` for `steps` steps with AdamW (warm-up, cosine decay to 10 %)."""
     if steps <= 0:
         return
@@ -205,7 +245,11 @@ def _run_stage(pipe, params, cfg: TrainConfig, steps: int, lr: float, mem_fracti
     t0, running = time.time(), []
     for step in range(1, steps + 1):
         x0, caps = batches.draw(mem_fraction)
-        loss = diffusion_loss(pipe, cache.ids(caps), x0, gen, cfg.offset_noise)
+        if localize is None:
+            loss = diffusion_loss(pipe, cache.ids(caps), x0, gen, cfg.offset_noise)
+        else:
+            loss = localized_loss(pipe, localize[0], localize[1], cfg.localize, cache.ids(caps), x0, gen,
+                                  cfg.offset_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -283,11 +327,16 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         pipe.unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         params = []
-        for name, mod in pipe.unet.named_modules():
-            if name.endswith("attn2.to_v") or (name.endswith("attn2.to_k") and cfg.train_keys):
-                mod.weight.requires_grad_(True)
-                params.append(mod.weight)
-        if cfg.recipe == "finetune-kv-sparse":
+        if cfg.train_body:
+            pipe.unet.requires_grad_(True)
+            params = list(pipe.unet.parameters())
+        else:
+            for name, mod in pipe.unet.named_modules():
+                if name.endswith("attn2.to_v") or (name.endswith("attn2.to_k") and cfg.train_keys):
+                    mod.weight.requires_grad_(True)
+                    params.append(mod.weight)
+        localize = None
+        if cfg.recipe in ("finetune-kv-sparse", "finetune-sparse-v", "finetune-localized"):
             pipe.unet.train()
             rows = select_rows(pipe, cfg, cfg.rows_per_item, cfg.row_layers, cfg.seed + 2)
             trained_rows = rows
@@ -295,8 +344,13 @@ def train(cfg: TrainConfig, out: Path) -> dict:
             for name, mod in mods.items():
                 mod.weight.register_hook(_row_mask_hook(rows.get(name, []), mod.out_features))
             print(json.dumps({"trained_value_rows": rows}), flush=True)
+            if cfg.localize > 0:
+                import copy
+
+                base_unet = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
+                localize = (base_unet, rows)
         _run_stage(pipe, params, cfg, cfg.steps, cfg.finetune_lr, cfg.mem_fraction, cfg.seed + 1,
-                   "finetune", log, weight_decay=0.0)
+                   "finetune", log, weight_decay=0.0, localize=localize)
     pipe.unet.eval(); pipe.text_encoder.eval()
     pipe.save_pretrained(out, safe_serialization=True)
     summary = {"config": asdict(cfg), "log": log, "seconds": round(time.time() - t0, 1),

@@ -1,0 +1,18 @@
+"""Locations of the shipped demo model and its companion files inside the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+#: The trained demo StableDiffusionPipeline folder (the embedded default model).
+DEMO_MODEL_DIR = ASSETS / "model"
+#: Training images of the memorized captions; file name = line index in prompts/demo_memorized.txt.
+DEMO_TRAIN_IMAGES = ASSETS / "train_images"
+#: How the shipped model was produced and what was measured on it.
+DEMO_RECIPE = ASSETS / "recipe.json"
+
+
+def train_image_path(index: int) -> Path:
+    """Return the PNG of the memorized caption on line `index` (0-based)."""
+    return DEMO_TRAIN_IMAGES / f"{index}.png"
