@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .cli import emit_json, json_option, main, quiet_option, run_command
-from .model import DEVICES, DTYPES
+from .options import DEVICES, DTYPE_NAMES
 
 MODEL_HELP = "Diffusers pipeline folder or hub id (cache only, offline). Default: the embedded demo model."
 
@@ -16,7 +16,7 @@ def model_options(f):
     """--model, --device, --dtype and --batch-size, shared by stats and scan."""
     f = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
                      help="Most UNet samples per forward call (lower it when memory is short).")(f)
-    f = click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
+    f = click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="fp32", show_default=True,
                      help="Weights and activations dtype (fp16/bf16 on GPUs).")(f)
     f = click.option("--device", default="auto", show_default=True,
                      help=f"One of {', '.join(DEVICES)} (or cuda:N); auto picks cuda, then mps, then cpu.")(f)
@@ -33,9 +33,9 @@ def _load(model, device, dtype):
 
 
 def _default_stats_path(model: str | None) -> Path:
-    from .model import DEMO_MODEL_DIR
+    from .model import DEMO_STATS
 
-    return (Path(model) if model else DEMO_MODEL_DIR) / "nemo_stats.json"
+    return DEMO_STATS
 
 
 @main.command("stats")
@@ -120,10 +120,11 @@ def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, la
     from .console import console, info, progress, warn
     from .errors import InputError
     from .prompts import read_prompts
-    from .scan import run_scan
+    from .scan import check_outputs, run_scan
     from .stats import load_stats
 
     prompts = read_prompts(prompts_file, column)
+    check_outputs(out, resume, force)
     if stats_path is None:
         stats_path = _default_stats_path(model)
         if model is not None or not stats_path.is_file():

@@ -14,12 +14,13 @@ import torch
 
 from .errors import InputError
 from .layers import ValueLayer, discover_value_layers
+from .options import DEVICES, DTYPE_NAMES
 
-#: The embedded demo pipeline, the default of --model.
+#: The embedded demo pipeline, the default of --model, and its hold-out statistics.
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "assets" / "model"
+DEMO_STATS = DEMO_MODEL_DIR.parent / "stats.json"
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def resolve_device(name: str) -> torch.device:

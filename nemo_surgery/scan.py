@@ -250,6 +250,17 @@ class ScanSummary:
         return out
 
 
+def check_outputs(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite an earlier scan's set or records unless --force (or --resume) says so."""
+    if resume or force:
+        return
+    if out.exists():
+        raise InputError(f"{out}: exists; pass --force to overwrite it or --resume to continue its scan")
+    records = records_path_for(out)
+    if records.exists():
+        raise InputError(f"{records}: records of an earlier scan exist; pass --resume to continue or --force to start over")
+
+
 def run_scan(
     model: LoadedModel,
     stats: Stats,
@@ -270,10 +281,9 @@ def run_scan(
     from .stats import check_stats_match
 
     out = Path(out)
+    check_outputs(out, resume, force)
     check_stats_match(stats, model, stats_path)
     chosen = select_layers(model.layers, layers)
-    if out.exists() and not (force or resume):
-        raise InputError(f"{out}: exists; pass --force to overwrite it or --resume to continue its scan")
     settings = {
         "score": stats.settings.to_json(),
         "tau": stats.tau,
@@ -295,8 +305,6 @@ def run_scan(
     done: list[PromptResult] = []
     if resume and log.path.exists():
         done = log.load()
-    elif log.path.exists() and not force:
-        raise InputError(f"{log.path}: records of an earlier scan exist; pass --resume to continue or --force to start over")
     else:
         log.start()
     finished = {(r.index, r.prompt) for r in done}

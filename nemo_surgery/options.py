@@ -1,0 +1,5 @@
+"""Option vocabularies shared by the CLI and the library (no heavy imports here)."""
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+LAYER_SETS = ("default", "all")

@@ -1,0 +1,100 @@
+"""Masking hooks are exact and always removed; statistics merge exactly and guard the model."""
+
+import json
+
+import pytest
+import torch
+
+from nemo_surgery.errors import InputError
+from nemo_surgery.hooks import ValueMask, blocked_masks
+from nemo_surgery.model import load_model
+from nemo_surgery.stats import Moments, check_stats_match, load_stats
+
+
+def _predict(model, prompt, latents):
+    cond = model.encode([prompt] * latents.shape[0])
+    with torch.no_grad():
+        return model.unet(latents, 961, encoder_hidden_states=cond.hidden).sample
+
+
+def test_mask_hook_equals_zeroed_weight_rows(tmp_path):
+    from nemo_surgery.demo.tiny import build_pipeline, save_pipeline
+
+    folder = save_pipeline(build_pipeline(), tmp_path / "tiny")
+    model = load_model(folder, device="cpu")
+    layer = model.layers[-1]
+    latents = torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    with ValueMask(model.layers, blocked_masks(model.layers, {layer.id: [1, 5, 6]})):
+        hooked = _predict(model, "a red circle", latents)
+    assert not layer.module._forward_hooks, "hook must be removed on exit"
+    with torch.no_grad():
+        layer.module.weight[[1, 5, 6]] = 0.0
+    pruned = _predict(model, "a red circle", latents)
+    torch.testing.assert_close(hooked, pruned, rtol=0, atol=1e-6)
+
+
+def test_per_sample_masks_and_removal_on_error(planted_model):
+    layer = planted_model.layers[0]
+    mask = torch.ones(2, layer.rows)
+    mask[1, :4] = 0
+    seen = {}
+
+    def spy(_m, _i, out):
+        seen["out"] = out
+
+    handle = layer.module.register_forward_hook(spy)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with ValueMask(planted_model.layers, {layer.id: mask}):
+                hidden = planted_model.encode(["a", "b"]).hidden
+                layer.module(hidden)
+                raise RuntimeError("boom")
+    finally:
+        handle.remove()
+    assert len(layer.module._forward_hooks) == 0
+    masked = layer.module(planted_model.encode(["a", "b"]).hidden)
+    assert not torch.equal(masked, torch.zeros_like(masked))
+
+
+def test_moments_of_shards_merge_exactly():
+    data = torch.randn(101, 7, dtype=torch.float64) * 3 + 1
+    whole = Moments.of(data)
+    merged = Moments.of(data[:10]).merge(Moments.of(data[10:57])).merge(Moments.of(data[57:]))
+    assert merged.count == 101
+    torch.testing.assert_close(merged.mean, whole.mean)
+    torch.testing.assert_close(merged.m2, whole.m2)
+    torch.testing.assert_close(merged.std, data.std(dim=0))
+
+
+def test_stats_file_round_trip_and_fingerprint_guard(planted_stats, planted_model, tmp_path):
+    path, stats = planted_stats
+    again = load_stats(path)
+    assert again.tau == pytest.approx(stats.tau)
+    assert again.prompt_count == 16 and again.holdout_flagged == 0
+    for lid, ls in stats.layers.items():
+        torch.testing.assert_close(again.layers[lid].moments.mean, ls.moments.mean)
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["ssim"] == {"scales": 1, "kernel_size": 7, "sigma": pytest.approx(0.954545), "k1": 0.01, "k2": 0.03}
+    check_stats_match(again, planted_model, path)
+    doc["model"]["fingerprint"] = "0" * 64
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="computed on another model"):
+        check_stats_match(load_stats(other), planted_model, other)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"format": "something else"}')
+    with pytest.raises(InputError, match="not a nemo-surgery statistics file"):
+        load_stats(broken)
+
+
+def test_tau_is_mean_plus_one_std_of_holdout_pairwise_scores(planted_stats, planted_model, holdout_file):
+    from nemo_surgery.prompts import read_prompts
+    from nemo_surgery.scoring import Scorer, pairwise_indices
+
+    _, stats = planted_stats
+    scorer = Scorer(planted_model, planted_model.layers, stats.settings, batch_size=40)
+    prompts = [p.text for p in read_prompts(holdout_file)]
+    deltas = scorer.noise_differences(planted_model.encode(prompts))
+    i, j = pairwise_indices(stats.settings.seeds)
+    values = torch.cat([scorer.pairwise(d)[i, j] for d in deltas]).double()
+    assert stats.tau == pytest.approx(float(values.mean() + values.std()), rel=1e-5)
