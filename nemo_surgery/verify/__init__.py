@@ -1,0 +1,1 @@
+"""Verification of a pruned checkpoint: re-score, sample before/after, drift, equivalence, report."""

@@ -1,0 +1,103 @@
+"""Full DDIM sampling with fixed seeds, batched over prompts x seeds, optionally with neurons blocked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..hooks import ValueMask, blocked_masks
+from ..model import Conditioning, LoadedModel
+from ..scoring import draw_latents
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """How verification draws full samples (identical before and after pruning)."""
+
+    seeds: int = 4
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 7.5
+    batch_size: int = 8
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the settings as a JSON-ready dict."""
+        return asdict(self)
+
+
+def _cat_cond(a: Conditioning, b: Conditioning) -> Conditioning:
+    added = {k: torch.cat([a.added[k], b.added[k]]) for k in b.added} if b.added else None
+    return Conditioning(torch.cat([a.hidden, b.hidden]), added)
+
+
+@torch.no_grad()
+def _decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """Decode latents with the pipeline's VAE into float32 images [B, H, W, 3] in [0, 1]."""
+    vae = model.pipe.vae
+    if vae is None:
+        raise ValueError("the pipeline was loaded without its VAE; load it with with_vae=True")
+    scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+    dtype = next(vae.parameters()).dtype
+    upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
+    if upcast:
+        vae.to(torch.float32)
+        dtype = torch.float32
+    try:
+        images = vae.decode(latents.to(dtype) / scaling).sample
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def sample_images(
+    model: LoadedModel,
+    cond: Conditioning,
+    settings: SampleSettings,
+    blocked: Mapping[str, Sequence[int]] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Draw DDIM samples of P prompts x N seeds: float32 [P, N, H, W, 3] in [0, 1].
+
+    The N initial latents come in turn from one CPU generator seeded with
+    ``settings.seed``, so every prompt and every model sees the same noise.
+    DDIM with eta 0 is deterministic after that. ``blocked`` ({layer id: rows})
+    zeroes those value neurons by hook; ``advance(n)`` reports finished samples.
+    """
+    from diffusers import DDIMScheduler
+
+    p, n = cond.hidden.shape[0], settings.seeds
+    init = draw_latents(model.latent_shape, n, settings.seed)
+    flat_init = init.repeat(p, 1, 1, 1)
+    prompt_of = torch.arange(p).repeat_interleave(n)
+    masks = blocked_masks(model.layers, blocked or {}, device=model.device)
+    use_cfg = settings.guidance > 1.0
+    uncond = model.encode([""]) if use_cfg else None
+    out = []
+    for start in range(0, p * n, settings.batch_size):
+        sel = prompt_of[start : start + settings.batch_size]
+        b = sel.numel()
+        batch = cond.select(sel.to(cond.hidden.device))
+        if use_cfg:
+            batch = _cat_cond(uncond.repeat(b), batch)
+        scheduler = DDIMScheduler.from_config(model.pipe.scheduler.config)
+        scheduler.set_timesteps(settings.steps, device=model.device)
+        x = (flat_init[start : start + b] * scheduler.init_noise_sigma).to(model.device, model.dtype)
+        with ValueMask(model.layers, masks):
+            for t in scheduler.timesteps:
+                xin = torch.cat([x, x]) if use_cfg else x
+                xin = scheduler.scale_model_input(xin, t)
+                eps = model.unet(xin, t, **batch.unet_kwargs()).sample
+                if use_cfg:
+                    e_u, e_c = eps.chunk(2)
+                    eps = e_u + settings.guidance * (e_c - e_u)
+                x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        out.append(_decode(model, x))
+        if advance is not None:
+            advance(b)
+    images = torch.cat(out)
+    return images.view(p, n, *images.shape[1:])
