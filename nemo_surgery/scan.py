@@ -51,6 +51,7 @@ class PromptResult:
     unet_calls: int = 0
     samples: int = 0
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """Return the record as JSON."""
@@ -76,6 +77,7 @@ def scan_prompt(
     cond = scorer.model.encode([prompt.text])
     base = scorer.noise_differences(cond)[0]
     det = scorer.detect(base, tau)
+    stages = {"detect": time.perf_counter() - started}
     result = PromptResult(
         index=prompt.index,
         prompt=prompt.text,
@@ -93,14 +95,18 @@ def scan_prompt(
         def oracle(masks: torch.Tensor) -> torch.Tensor:
             return scorer.mitigation_scores(cond, base, det.kept, masks)
 
+        mark = time.perf_counter()
         init = initial_selection(z, acts, scorer.slices, oracle, tau, width, selection)
+        stages["initial"] = time.perf_counter() - mark
         result.initial_neurons = scorer.split(init.blocked)
         result.initial_count = int(init.blocked.sum())
         result.initial_score = round(init.score, 6)
         result.theta, result.k = init.theta, init.k
         result.mitigated = init.mitigated
         if init.mitigated:
+            mark = time.perf_counter()
             final = refine(init.blocked, scorer.slices, z, oracle, tau, width)
+            stages["refine"] = time.perf_counter() - mark
             result.neurons = scorer.split(final)
             result.count = int(final.sum())
             result.final_score = round(float(oracle(final.unsqueeze(0))[0]), 6)
@@ -109,6 +115,7 @@ def scan_prompt(
     result.unet_calls = scorer.counter.calls - calls0
     result.samples = scorer.counter.samples - samples0
     result.seconds = round(time.perf_counter() - started, 3)
+    result.stage_seconds = {k: round(v, 3) for k, v in stages.items()}
     return result
 
 
