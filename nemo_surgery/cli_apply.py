@@ -8,6 +8,8 @@ from rich.table import Table
 from .apply import ApplyFailed, ApplyResult, run_apply
 from .cli import emit_json, json_option, main, quiet_option, run_command
 from .console import console, info
+from .cli_verify import build_options, execute_verify, verify_input_options, verify_tuning_options
+from .verify.run import loadable_pipeline, precheck_inputs
 
 
 def _print_plan(result: ApplyResult) -> None:
@@ -32,17 +34,27 @@ def _print_plan(result: ApplyResult) -> None:
 @click.option("--in-place", is_flag=True, help="Zero the rows inside CKPT itself (for huge files).")
 @click.option("--dry-run", is_flag=True, help="Print the patch plan (files, keys, rows, bytes); write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output (atomically).")
+@click.option("--no-verify", is_flag=True, help="Skip `verify` (run by default when CKPT is a loadable pipeline folder).")
+@verify_input_options
+@verify_tuning_options
 @json_option
 @quiet_option
 @run_command
 def apply_command(
-    ckpt: str, neurons: str, out: str | None, in_place: bool, dry_run: bool, force: bool, as_json: bool, quiet: bool
+    ckpt: str, neurons: str, out: str | None, in_place: bool, dry_run: bool, force: bool, as_json: bool, quiet: bool,
+    no_verify: bool = False, **verify_kwargs,
 ) -> int:
     """Zero neuron rows directly in safetensors checkpoints, byte-exact and verified.
 
     CKPT is a diffusers pipeline folder, a diffusers UNet folder or file, or a
     single-file (LDM) checkpoint. Pickle files (.ckpt/.bin/.pt) are refused.
+    A loadable pipeline folder is then verified (see `verify`; report in
+    <output>/nemo_report) and the exit code is verify's verdict; --no-verify skips it.
     """
+    verify = not (no_verify or dry_run or in_place) and loadable_pipeline(ckpt)
+    if verify:
+        options = build_options(**verify_kwargs)
+        precheck_inputs(neurons, options)  # fail before writing anything
     try:
         result = run_apply(ckpt, neurons, out=out, in_place=in_place, dry_run=dry_run, force=force)
     except ApplyFailed as exc:
@@ -55,6 +67,13 @@ def apply_command(
             f"[green]ok[/green]: {result.rows_zeroed} rows zeroed in {len(result.files)} file(s) -> {result.output}; "
             f"report: {result.report_md}"
         )
+    if in_place and not no_verify and loadable_pipeline(ckpt):
+        info("verify skipped: --in-place leaves no original to compare with; run `nemo-surgery verify` on a copy")
+    if verify:
+        checked = execute_verify(result.ckpt, result.output, neurons, options)
+        if as_json:
+            emit_json({**result.to_json(), "verify": checked.summary()})
+        return checked.exit_code
     if as_json:
         emit_json(result.to_json())
     return 0

@@ -313,6 +313,47 @@ def _digest_model(folder: Path) -> dict[str, str]:
     return out
 
 
+def loadable_pipeline(path: str | Path) -> bool:
+    """True for a diffusers pipeline folder verification can load (model_index.json + parts)."""
+    path = Path(path)
+    return (path / "model_index.json").is_file() and all(
+        (path / part).is_dir() for part in ("unet", "text_encoder", "tokenizer", "vae")
+    )
+
+
+@dataclass
+class VerifyInputs:
+    """Inputs resolved and validated before any model is loaded."""
+
+    neuron_set: NeuronSet
+    blocked: dict[str, list[int]]
+    stats_path: Path
+    stats: Stats
+    prompts: list[Prompt]
+    holdout: list[Prompt]
+    train: dict[int, Path]
+
+
+def precheck_inputs(neurons: str | Path, options: VerifyOptions) -> VerifyInputs:
+    """Resolve and validate every input file (InputError with one line); loads no model."""
+    neurons_path = Path(neurons)
+    neuron_set = load_neuron_set(neurons_path)
+    blocked = {ln.id: list(ln.neurons) for ln in neuron_set.nonempty()}
+    if not blocked:
+        raise InputError(f"{neurons_path}: the neuron set holds no neurons; nothing to verify")
+    stats_path = resolve_stats_path(options.stats, neuron_set, neurons_path)
+    stats = load_stats(stats_path)
+    prompts = memorized_prompts(options, neuron_set, neurons_path)
+    holdout = read_prompts(options.holdout, options.column) if options.holdout is not None else []
+    if options.holdout is not None and len(holdout) < 2:
+        raise InputError(f"{options.holdout}: at least 2 hold-out prompts are needed (drift and sample agreement)")
+    for name, value in (("--sscd", options.sscd), ("--clip", options.clip)):
+        if value is not None and not Path(value).exists():
+            raise InputError(f"{value}: {name} path not found (optional metrics are read from local files only)")
+    return VerifyInputs(neuron_set, blocked, stats_path, stats, prompts, holdout,
+                        train_image_map(options.train_images, prompts))
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -342,17 +383,13 @@ def run_verify(
     started = time.perf_counter()
     say = stage or (lambda _text: None)
     original, pruned, neurons_path = Path(original), Path(pruned), Path(neurons)
-    neuron_set = load_neuron_set(neurons_path)
-    blocked = {ln.id: list(ln.neurons) for ln in neuron_set.nonempty()}
-    if not blocked:
-        raise InputError(f"{neurons_path}: the neuron set holds no neurons; nothing to verify")
-    stats_path = resolve_stats_path(options.stats, neuron_set, neurons_path)
-    stats = load_stats(stats_path)
-    prompts = memorized_prompts(options, neuron_set, neurons_path)
-    holdout = read_prompts(options.holdout, options.column) if options.holdout is not None else []
-    if options.holdout is not None and len(holdout) < 2:
-        raise InputError(f"{options.holdout}: at least 2 hold-out prompts are needed (drift and sample agreement)")
-    train = train_image_map(options.train_images, prompts)
+    got = precheck_inputs(neurons_path, options)
+    neuron_set, blocked, stats_path, stats = got.neuron_set, got.blocked, got.stats_path, got.stats
+    prompts, holdout, train = got.prompts, got.holdout, got.train
+    for name, path in (("ORIGINAL", original), ("PRUNED", pruned)):
+        if not loadable_pipeline(path):
+            raise InputError(f"{path}: {name} must be a diffusers pipeline folder with unet, text_encoder, tokenizer "
+                             "and vae (verify samples full images)")
     report_dir = options.report or default_report_dir(pruned)
     sampling = options.sampling
 
