@@ -202,3 +202,22 @@ def test_html_is_self_contained_and_renders(planted, good_result, tmp_path) -> N
     with Image.open(shot) as img:
         pixels = np.asarray(img.convert("RGB"))
     assert pixels.std() > 5  # not blank
+
+
+def test_apply_runs_verify_on_pipeline_folders(planted, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from nemo_surgery.cli import main
+
+    runner = CliRunner()
+    base = ["apply", str(planted["orig"]), "--neurons", str(planted["wrong"]), "--device", "cpu"]
+    out = tmp_path / "applied"
+    run = runner.invoke(main, [*base, "--out", str(out), "--holdout", str(planted["root"] / "hold.txt"),
+                               "--steps", "4", "--seeds", "2", "--json", "-q"])
+    assert run.exit_code == EXIT_VERDICT, run.output
+    doc = json.loads(run.stdout)
+    assert doc["ok"] and doc["verify"]["verdict"] == "failed" and (out / "nemo_report" / "report.json").is_file()
+    skipped = runner.invoke(main, [*base, "--out", str(tmp_path / "plain"), "--no-verify", "-q"])
+    assert skipped.exit_code == 0 and not (tmp_path / "plain" / "nemo_report").exists()
+    missing = runner.invoke(main, [*base, "--out", str(tmp_path / "never"), "--stats", str(tmp_path / "none.json")])
+    assert missing.exit_code == 2 and not (tmp_path / "never").exists()  # inputs checked before writing
