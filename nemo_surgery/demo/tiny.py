@@ -187,3 +187,41 @@ def save_pipeline(pipe, folder: str | Path) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_xl_pipeline(seed: int = 0):
+    """Build a tiny StableDiffusionXLPipeline (two text encoders, added time conditioning)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    spec1, spec2 = TinySpec(text_hidden=16), TinySpec(text_hidden=32)
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
+    text_encoder = build_text_encoder(spec1, len(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(build_text_encoder(spec2, len(tokenizer_2)).config)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=spec1.text_hidden + spec2.text_hidden,
+        attention_head_dim=(4, 8),
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=spec2.text_hidden + 6 * time_dim,
+        use_linear_projection=True,
+    )
+    return StableDiffusionXLPipeline(
+        vae=build_vae(TinySpec()),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=build_scheduler(),
+    )
