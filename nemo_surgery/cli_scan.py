@@ -117,7 +117,7 @@ def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, la
     Exit code 0 when every memorized prompt was mitigated (or none was
     memorized), 3 when some memorized prompt could not be mitigated.
     """
-    from .console import console, info, progress, warn
+    from .console import console, progress, warn
     from .errors import InputError
     from .prompts import read_prompts
     from .scan import check_outputs, run_scan

@@ -22,7 +22,7 @@ from .atomic import write_json
 from .errors import InputError
 from .layers import ValueLayer
 from .model import LoadedModel
-from .scoring import ScoreSettings, Scorer, pairwise_indices
+from .scoring import Scorer, ScoreSettings, pairwise_indices
 
 FORMAT = "nemo-surgery.stats"
 VERSION = 1

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
+from nemo_surgery.demo.plant import TRIGGER_PROMPT
 from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import load_neuron_set
 from nemo_surgery.prompts import Prompt
 from nemo_surgery.scan import records_path_for, run_scan
 from nemo_surgery.scoring import Scorer
 from nemo_surgery.selection import greedy_drop
-from nemo_surgery.demo.plant import TRIGGER_PROMPT
 
 ORDINARY = ["a photo of a dog", "a small black cat on a red house"]
 
