@@ -126,9 +126,11 @@ def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, la
     prompts = read_prompts(prompts_file, column)
     check_outputs(out, resume, force)
     if stats_path is None:
-        stats_path = _default_stats_path(model)
-        if model is not None or not stats_path.is_file():
+        if model is not None:
             raise InputError("--stats is required with --model; compute it with `nemo-surgery stats HOLDOUT --model M --out STATS`")
+        stats_path = _default_stats_path(model)
+        if not stats_path.is_file():
+            raise InputError(f"the embedded demo model's statistics are missing ({stats_path}); reinstall, or pass --model and --stats")
     stats = load_stats(stats_path)
     loaded = _load(model, device, dtype)
     with progress("prompts", len(prompts)) as advance:

@@ -297,7 +297,7 @@ def run_scan(
         "layers": [layer.id for layer in chosen],
         "selection": asdict(selection),
         "detection_rule": "memorized when the mean pairwise MS-SSIM over seeds exceeds tau",
-        "stats": {"path": str(stats_path), "sha256": sha256_file(stats_path), "prompt_count": stats.prompt_count},
+        "stats": {"path": str(Path(stats_path).resolve()), "sha256": sha256_file(stats_path), "prompt_count": stats.prompt_count},
         "dtype": str(model.dtype).removeprefix("torch."),
     }
     log = RecordLog(
