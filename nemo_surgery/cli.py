@@ -77,14 +77,7 @@ def emit_json(data: Any) -> None:
 
 
 def _register() -> None:
-    from . import cli_apply, cli_scan  # noqa: F401  (commands register themselves)
-
-    for optional in ("cli_verify",):
-        try:
-            __import__(f"{__package__}.{optional}")
-        except ModuleNotFoundError as exc:  # pragma: no cover - during development only
-            if exc.name != f"{__package__}.{optional}":
-                raise
+    from . import cli_apply, cli_scan, cli_verify  # noqa: F401  (each command registers itself on `main`)
 
 
 _register()
