@@ -41,15 +41,13 @@ def _decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
         raise ValueError("the pipeline was loaded without its VAE; load it with with_vae=True")
     scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     dtype = next(vae.parameters()).dtype
-    upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
-    if upcast:
-        vae.to(torch.float32)
+    if bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16:
+        from ..model import _quiet_diffusers
+
+        with _quiet_diffusers():  # SD's VAE overflows in fp16 (as the pipeline does: decode in fp32)
+            vae.to(torch.float32)
         dtype = torch.float32
-    try:
-        images = vae.decode(latents.to(dtype) / scaling).sample
-    finally:
-        if upcast:
-            vae.to(torch.float16)
+    images = vae.decode(latents.to(dtype) / scaling).sample
     return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
