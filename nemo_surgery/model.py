@@ -149,22 +149,47 @@ class LoadedModel:
 
     @cached_property
     def fingerprint(self) -> str:
-        """SHA-256 over the UNet config and the value, input and output weights (fp16-rounded).
+        """SHA-256 over the UNet config and the stored value, conv_in and conv_out weights.
 
-        Statistics and neuron sets carry it so that they are never used on
-        another model; rounding to fp16 makes fp32 and fp16 loads of one
-        checkpoint agree.
+        The weights are read as stored in the UNet's safetensors files, so the
+        fingerprint does not depend on --dtype or --device; statistics and
+        neuron sets carry it so that they are never used on another model.
+        Models that did not come from safetensors files hash their weights as
+        loaded.
         """
-        h = hashlib.sha256()
         cfg = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-        tensors = [(layer.id, layer.module.weight) for layer in self.layers]
-        tensors += [("conv_in.weight", self.unet.conv_in.weight), ("conv_out.weight", self.unet.conv_out.weight)]
-        for name, tensor in tensors:
-            h.update(name.encode())
-            h.update(str(tuple(tensor.shape)).encode())
-            h.update(tensor.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+        keys = [f"{layer.id}.weight" for layer in self.layers] + ["conv_in.weight", "conv_out.weight"]
+        folder = Path(str(getattr(self.unet.config, "_name_or_path", "") or ""))
+        tensors = _stored_tensors(folder, keys) if folder.is_dir() else None
+        if tensors is None:
+            modules = dict(self.unet.named_parameters())
+            tensors = {key: modules[key].detach().cpu() for key in keys}
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+        for key in keys:
+            tensor = tensors[key].contiguous()
+            h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            h.update(tensor.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+
+def _stored_tensors(unet_dir: Path, keys: list[str]) -> dict[str, torch.Tensor] | None:
+    """Read tensors as stored in the UNet folder's default (non-variant) safetensors weights."""
+    from safetensors import safe_open
+
+    from .checkpoint.discover import weight_groups
+
+    try:
+        groups = weight_groups(unet_dir)
+    except InputError:
+        return None
+    default = [g for g in groups if g.label.startswith("diffusion_pytorch_model.safetensors")]
+    group = (default or groups)[0]
+    out: dict[str, torch.Tensor] = {}
+    for path in group.files:
+        with safe_open(str(path), framework="pt") as fh:
+            for key in set(keys) & set(fh.keys()):
+                out[key] = fh.get_tensor(key)
+    return out if len(out) == len(keys) else None
 
 
 class _quiet_diffusers:
@@ -239,7 +264,12 @@ def load_model(
     for part in ("unet", "text_encoder", "tokenizer"):
         if getattr(pipe, part, None) is None:
             raise InputError(f"{source}: pipeline has no {part}; nemo-surgery needs a Stable Diffusion pipeline")
-    pipe.to(torch_device)
+    with _quiet_diffusers():
+        pipe.to(torch_device)
+    if torch_device.type == "cpu" and torch_dtype != torch.float32:
+        from .console import warn
+
+        warn(f"--dtype {dtype} on the CPU is slow and not supported by every operation; --dtype fp32 is the CPU choice")
     for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipe, part, None)
         if module is not None:

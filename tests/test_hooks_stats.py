@@ -98,3 +98,10 @@ def test_tau_is_mean_plus_one_std_of_holdout_pairwise_scores(planted_stats, plan
     i, j = pairwise_indices(stats.settings.seeds)
     values = torch.cat([scorer.pairwise(d)[i, j] for d in deltas]).double()
     assert stats.tau == pytest.approx(float(values.mean() + values.std()), rel=1e-5)
+
+
+def test_fingerprint_does_not_depend_on_dtype(planted, planted_model, planted_stats):
+    stats_path, stats = planted_stats
+    bf16 = load_model(planted[0], device="cpu", dtype="bf16")
+    assert bf16.fingerprint == planted_model.fingerprint
+    check_stats_match(stats, bf16, stats_path)
