@@ -22,7 +22,6 @@ import errno
 import os
 import shutil
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from . import __version__
 from .checkpoint.discover import Source, discover
 from .checkpoint.patch import MODELSPEC_HASH, copy_range, fsync_file, guard_write, patch_in_place, write_patched_copy
 from .checkpoint.plan import FilePlan, PatchPlan, build_plan
-from .checkpoint.streaming import sha256_path
 from .checkpoint.report import FORMAT, VERSION, write_reports
 from .checkpoint.verify_struct import FileVerification, verify_copy, verify_in_place, verify_mirrored
 from .errors import InputError, NemoError
@@ -249,24 +247,17 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _patch_and_verify(fp: FilePlan, dst: Path, rel: str, result: ApplyResult) -> FileVerification:
-    """Write the patched copy and verify it, overlapping I/O-bound and CPU-bound steps.
+    """Write the patched copy (one pass, both SHA-256s on worker threads) and verify it as on disk.
 
-    The input's SHA-256 is computed while the kernel copies the data buffer, and
-    the fsync runs while the output is re-read and compared (from the page cache);
-    both finish before this returns, i.e. before any rename.
+    The fsync runs while the output is re-read and compared with the input (from
+    the page cache); both finish before this returns, i.e. before any rename.
     """
-    stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        sha_in = pool.submit(sha256_path, fp.src, stop)
-        try:
-            meta = write_patched_copy(fp, dst, result.neuron_set_sha256, fsync=False)
-            _copy_mode(fp.src, dst)
-            synced = pool.submit(fsync_file, dst)
-            verification = verify_copy(fp, dst, meta, rel=rel, sha256_in=sha_in.result())
-            synced.result()
-        except BaseException:
-            stop.set()
-            raise
+    written = write_patched_copy(fp, dst, result.neuron_set_sha256, fsync=False)
+    _copy_mode(fp.src, dst)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        synced = pool.submit(fsync_file, dst)
+        verification = verify_copy(fp, dst, written, rel=rel)
+        synced.result()
     return verification
 
 

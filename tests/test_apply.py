@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
-
 from checkpoint_fixtures import (
     DEFAULT_NEURONS,
     REAL_LAYER,
@@ -19,6 +17,8 @@ from checkpoint_fixtures import (
     write_pipeline,
     write_unet_file,
 )
+from safetensors import safe_open
+
 from nemo_surgery.apply import run_apply
 from nemo_surgery.checkpoint.safetensors_file import read_header
 from nemo_surgery.neuron_set import sha256_file
@@ -191,3 +191,144 @@ def test_in_place_pipeline_folder(tmp_path: Path) -> None:
                    expected_zeroed(DEFAULT_NEURONS, "diffusers"))
     assert json.loads((src / "report.json").read_text())["in_place"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "pristine.safetensors", "set.json"]
+
+
+# --- streaming copy / in-place internals: chunk borders inside row ranges, tampering detected ---
+
+
+def _plan_for(src: Path, tmp_path: Path):
+    from nemo_surgery.checkpoint.discover import discover
+    from nemo_surgery.checkpoint.plan import build_plan
+    from nemo_surgery.neuron_set import load_neuron_set
+
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    return build_plan(discover(src), load_neuron_set(ns)).files[0]
+
+
+def _expected_data(fp) -> bytes:
+    with open(fp.src, "rb") as fh:
+        data = bytearray(fh.read()[fp.header.data_start :])
+    for off, length in fp.ranges:
+        data[off : off + length] = bytes(length)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 777, 1 << 20])
+def test_streamed_copy_with_chunk_borders_inside_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    from nemo_surgery.checkpoint import streaming
+    from nemo_surgery.checkpoint.patch import write_patched_copy
+    from nemo_surgery.checkpoint.verify_struct import verify_copy
+
+    monkeypatch.setattr(streaming, "CHUNK", chunk)
+    src = write_ldm_file(tmp_path / "m.safetensors", "fp16")
+    fp = _plan_for(src, tmp_path)
+    # some chunk border falls strictly inside some zeroed range for the small chunk sizes
+    assert chunk > 1000 or any(off // chunk != (off + length - 1) // chunk for off, length in fp.ranges)
+    out = tmp_path / "out.safetensors"
+    written = write_patched_copy(fp, out, "x" * 64)
+    data = out.read_bytes()
+    assert data[: len(written.head)] == written.head
+    assert data[len(written.head) :] == _expected_data(fp)
+    assert written.sha256_in == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert written.sha256_out == hashlib.sha256(data).hexdigest()
+    v = verify_copy(fp, out, written)
+    assert v.ok, v.checks
+    assert v.sha256_out == written.sha256_out
+
+
+def test_streamed_copy_with_modelspec_hashes_output_from_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nemo_surgery.checkpoint import streaming
+    from nemo_surgery.checkpoint.patch import write_patched_copy
+    from nemo_surgery.checkpoint.verify_struct import verify_copy
+
+    monkeypatch.setattr(streaming, "CHUNK", 333)
+    src = write_ldm_file(tmp_path / "m.safetensors", "bf16", metadata={"modelspec.hash_sha256": "0x00"})
+    fp = _plan_for(src, tmp_path)
+    out = tmp_path / "out.safetensors"
+    written = write_patched_copy(fp, out, "x" * 64)
+    assert written.sha256_out is None
+    assert written.data_sha256_out == hashlib.sha256(_expected_data(fp)).hexdigest()
+    v = verify_copy(fp, out, written)
+    assert v.ok, v.checks
+    assert v.sha256_out == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def _flip(path: Path, offset: int, value: int | None = None) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        old = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([value if value is not None else old ^ 0xFF]))
+
+
+def test_verify_copy_detects_tampered_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nemo_surgery.checkpoint import streaming
+    from nemo_surgery.checkpoint.patch import write_patched_copy
+    from nemo_surgery.checkpoint.verify_struct import verify_copy
+
+    monkeypatch.setattr(streaming, "CHUNK", 500)
+    src = write_ldm_file(tmp_path / "m.safetensors", "fp32")
+    fp = _plan_for(src, tmp_path)
+    out = tmp_path / "out.safetensors"
+    written = write_patched_copy(fp, out, "x" * 64)
+    base = len(written.head)
+    (first_off, first_len), last = fp.ranges[0], fp.ranges[-1]
+
+    def failed() -> set[str]:
+        return {c.name for c in verify_copy(fp, out, written).checks if not c.ok}
+
+    _flip(out, base + first_off + first_len // 2, 1)  # inside a zeroed row
+    assert failed() == {"targeted rows all zero"}
+    _flip(out, base + first_off + first_len // 2, 0)
+    outside = last[0] + last[1]  # first byte after the last range
+    _flip(out, base + outside)
+    bad = verify_copy(fp, out, written)
+    assert {c.name for c in bad.checks if not c.ok} == {"all other bytes identical"}
+    assert f"data byte {outside}" in next(c.detail for c in bad.checks if not c.ok)
+    _flip(out, base + outside)
+    assert failed() == set()
+    with open(out, "ab") as fh:  # trailing garbage
+        fh.write(b"\0")
+    assert "all other bytes identical" in failed() or "header valid" in failed()
+
+
+@pytest.mark.parametrize("metadata", [None, {"modelspec.hash_sha256": "abc"}])
+def test_in_place_small_chunks_and_tampering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metadata) -> None:
+    from nemo_surgery.checkpoint import streaming
+    from nemo_surgery.checkpoint.patch import patch_in_place
+    from nemo_surgery.checkpoint.verify_struct import verify_in_place
+
+    monkeypatch.setattr(streaming, "CHUNK", 611)
+    src = write_ldm_file(tmp_path / "m.safetensors", "fp16", metadata=metadata)
+    original = src.read_bytes()
+    fp = _plan_for(src, tmp_path)
+    expected = _expected_data(fp)
+    done = patch_in_place(fp, "x" * 64)
+    assert done.before.sha256_in == hashlib.sha256(original).hexdigest()
+    v = verify_in_place(fp, done.before, done.metadata)
+    assert v.ok, v.checks
+    assert src.read_bytes()[fp.header.data_start :] == expected
+    assert v.sha256_out == hashlib.sha256(src.read_bytes()).hexdigest()
+    outside = fp.ranges[0][0] + fp.ranges[0][1]
+    _flip(src, fp.header.data_start + outside)
+    bad = verify_in_place(fp, done.before, done.metadata)
+    assert [c.name for c in bad.checks if not c.ok][:1] == ["all other bytes identical"]
+    _flip(src, fp.header.data_start + outside)
+    _flip(src, fp.header.data_start + fp.ranges[0][0], 7)
+    bad = verify_in_place(fp, done.before, done.metadata)
+    assert "targeted rows all zero" in {c.name for c in bad.checks if not c.ok}
+
+
+def test_with_zeros_splits_chunks_at_range_borders() -> None:
+    from nemo_surgery.checkpoint.streaming import with_zeros
+
+    data = bytes(range(1, 21))
+    ranges = [(3, 4), (9, 5)]  # bytes 3..6 and 9..13
+    expected = bytearray(data)
+    for off, length in ranges:
+        expected[off : off + length] = bytes(length)
+    for chunk in range(1, 21):
+        pieces = b"".join(
+            bytes(with_zeros(memoryview(bytearray(data[pos : pos + chunk])), pos, ranges)) for pos in range(0, 20, chunk)
+        )
+        assert pieces == bytes(expected), chunk

@@ -105,7 +105,7 @@ def test_disk_full_removes_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def full(*_args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(patch, "copy_range", full)
+    monkeypatch.setattr(patch, "write_at", full)
     with pytest.raises(NemoError, match="disk full while writing .*; free space and rerun"):
         run_apply(src, ns)
     _nothing_written(tmp_path, {"m.safetensors", "set.json"})
@@ -118,7 +118,7 @@ def test_disk_full_removes_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_failed_verification_marks_output_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = write_ldm_file(tmp_path / "m.safetensors")
     ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
-    monkeypatch.setattr(patch, "zero_ranges", lambda *a, **k: None)  # a patch that silently does nothing
+    monkeypatch.setattr(patch, "with_zeros", lambda view, *a: bytes(view))  # a patch that silently zeroes nothing
     with pytest.raises(ApplyFailed, match="targeted rows all zero") as info:
         run_apply(src, ns)
     assert info.value.exit_code == 1

@@ -1,15 +1,17 @@
 """Byte-level patching: copy a safetensors file with a new header and zeroed rows, or zero in place.
 
-Tensor bytes are never decoded: the data buffer is copied by the kernel
-(``os.copy_file_range``, falling back to bounded pread/pwrite), zeros are
-written at the planned byte ranges and the file is fsynced. Memory use is one
-bounded chunk, independent of the checkpoint size.
+Tensor bytes are never decoded. A copy is one streaming pass: each input chunk
+is hashed (input SHA-256), the planned ranges are zeroed in memory, and the
+result is hashed (output SHA-256) and written; hashing runs on worker threads
+and write-back starts early (``Flusher``). In place, only the ranges (and the
+header, when the new one fits) are written, after one pass that hashes the input
+and predicts the output's SHA-256. Memory is a few bounded chunks, independent
+of the checkpoint size.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -20,7 +22,17 @@ from .. import __version__
 from ..errors import NemoError
 from .plan import FilePlan
 from .safetensors_file import encode_header
-from .streaming import CHUNK, DataScan, scan_file
+from .streaming import (
+    CHUNK,
+    BufferRing,
+    Hasher,
+    advise_sequential,
+    read_bytes,
+    scan_file,
+    stream_chunks,
+    with_zeros,
+)
+from .writeback import Flusher
 
 MODELSPEC_HASH = "modelspec.hash_sha256"
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
@@ -93,20 +105,6 @@ def provenance_metadata(
     return meta
 
 
-def _data_sha256(fd: int, start: int, length: int) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    pos = 0
-    while pos < length:
-        view = memoryview(buf)[: min(CHUNK, length - pos)]
-        n = os.preadv(fd, [view], start + pos)
-        if n == 0:
-            raise OSError(errno.EIO, "file ended early")
-        h.update(view[:n])
-        pos += n
-    return h.hexdigest()
-
-
 def guard_write(path: Path, body: Callable[[], None]) -> None:
     try:
         body()
@@ -129,36 +127,78 @@ def fsync_file(path: Path) -> None:
     guard_write(path, body)
 
 
-def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: bool = True) -> dict[str, str]:
-    """Write fp.src to dst (a fresh temp path) with new metadata and zeroed rows; fsync unless told not to.
+@dataclass
+class WrittenCopy:
+    """What ``write_patched_copy`` wrote: metadata, header bytes and the digests taken while streaming."""
 
-    Returns the metadata written. dst is removed on any failure; ENOSPC becomes
+    metadata: dict[str, str]
+    head: bytes
+    sha256_in: str
+    sha256_out: str | None  # None when the header was rewritten after streaming (modelspec hash)
+    data_sha256_out: str | None  # SHA-256 of the data buffer written, computed only for a modelspec hash
+
+
+def _stream_copy(src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head: bool) -> tuple[str, str]:
+    """Copy fp's data buffer behind head with zeroed ranges; return (SHA-256 in, SHA-256 out).
+
+    The output digest covers head + data when ``hash_head``, else the data buffer only.
+    """
+    header, ranges = fp.header, fp.ranges
+    h_in, h_out = Hasher(), Hasher()
+    flusher = Flusher(dst_fd)
+    try:
+        h_in.submit(read_bytes(src_fd, 0, header.data_start))
+        if hash_head:
+            h_out.submit(head)
+        write_at(dst_fd, head, 0)
+        ring = BufferRing()
+        for pos, view, busy in stream_chunks(src_fd, header.data_start, header.data_len, ring):
+            out = with_zeros(view, pos, ranges)
+            busy.append(h_in.submit(view))
+            busy.append(h_out.submit(out))
+            write_at(dst_fd, out, len(head) + pos)
+            flusher.wrote(len(out))
+        ring.drain()
+        return h_in.hexdigest(), h_out.hexdigest()
+    finally:
+        flusher.finish()
+        h_in.close()
+        h_out.close()
+
+
+def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: bool = True) -> WrittenCopy:
+    """Write fp.src to dst (a fresh temp path) with new metadata and zeroed rows in one pass; fsync unless told not to.
+
+    The input's and the output's SHA-256 are computed from the very chunks read
+    and written. With a ``modelspec.hash_sha256`` key the header is written with a
+    placeholder and rewritten after the pass (same length), so the output file's
+    digest is left to verification. dst is removed on any failure; ENOSPC becomes
     one actionable NemoError. Callers that verify before renaming pass
-    ``fsync=False`` and call ``fsync_file`` after verification (reads are served
-    from the page cache either way, and the kernel writes back meanwhile).
+    ``fsync=False`` and fsync while verifying.
     """
     header = fp.header
+    has_spec = MODELSPEC_HASH in (header.metadata or {})
     meta = provenance_metadata(header.metadata, fp, neuron_set_sha256)
-    ranges = fp.ranges
+    head = encode_header(header, meta)
+    done: list[WrittenCopy] = []
 
     def body() -> None:
-        nonlocal meta
-        head = encode_header(header, meta)
         src_fd = os.open(fp.src, os.O_RDONLY)
         try:
+            advise_sequential(src_fd)
             dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                write_at(dst_fd, head, 0)
-                copy_range(src_fd, dst_fd, header.data_start, len(head), header.data_len)
-                zero_ranges(dst_fd, len(head), ranges)
-                if MODELSPEC_HASH in meta:
-                    digest = _data_sha256(dst_fd, len(head), header.data_len)
-                    meta = provenance_metadata(header.metadata, fp, neuron_set_sha256, digest)
-                    final = encode_header(header, meta)
-                    assert len(final) == len(head), "placeholder hash changed the header length"
-                    write_at(dst_fd, final, 0)
+                sha_in, sha_out = _stream_copy(src_fd, dst_fd, fp, head, hash_head=not has_spec)
+                final_meta, final_head, data_sha = meta, head, None
+                if has_spec:
+                    data_sha, sha_out = sha_out, None
+                    final_meta = provenance_metadata(header.metadata, fp, neuron_set_sha256, data_sha)
+                    final_head = encode_header(header, final_meta)
+                    assert len(final_head) == len(head), "placeholder hash changed the header length"
+                    write_at(dst_fd, final_head, 0)
                 if fsync:
                     os.fsync(dst_fd)
+                done.append(WrittenCopy(final_meta, final_head, sha_in, sha_out, data_sha))
             finally:
                 os.close(dst_fd)
         finally:
@@ -169,34 +209,55 @@ def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: b
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
-    return meta
+    return done[0]
+
+
+@dataclass
+class PrePatch:
+    """Taken before an in-place patch: the input digest and what verification must find afterwards."""
+
+    sha256_in: str
+    predicted_sha256: str  # of the whole patched file, or of its data buffer (see predicts_file)
+    predicts_file: bool  # False when the header carries the data digest (modelspec hash)
+    head: bytes  # the prefix + header bytes the file holds after patching
 
 
 @dataclass
 class InPlaceResult:
     """What an in-place patch changed."""
 
-    before: DataScan
+    before: PrePatch
     metadata: dict[str, str] | None
     metadata_updated: bool
+
+
+def _in_place_head(fp: FilePlan, meta: dict[str, str]) -> tuple[bytes, bool]:
+    try:
+        return encode_header(fp.header, meta, pad_to=fp.header.header_len), True
+    except ValueError:
+        return b"", False
 
 
 def patch_in_place(fp: FilePlan, neuron_set_sha256: str) -> InPlaceResult:
     """Zero the planned rows inside fp.src itself; update metadata only if it fits the old header.
 
-    Scans the file first (digests used by verification), then writes only the
-    row ranges (and the header when the new one fits its padded length), fsyncs.
+    One pass first hashes the input and predicts the patched digest (of the whole
+    file, or of the data buffer when the header must carry that digest); then
+    only the row ranges (and the header when it fits) are written and fsynced.
     """
-    header = fp.header
-    ranges = fp.ranges
+    header, ranges = fp.header, fp.ranges
     has_spec = MODELSPEC_HASH in (header.metadata or {})
-    before = scan_file(fp.src, header.data_start, ranges, want_zeroed=has_spec)
-    meta = provenance_metadata(header.metadata, fp, neuron_set_sha256, before.zeroed_data_sha256)
-    try:
-        head = encode_header(header, meta, pad_to=header.header_len)
-        fits = True
-    except ValueError:
-        head, fits = b"", False
+    with open(fp.src, "rb") as fh:
+        old_head = fh.read(header.data_start)
+    if has_spec:
+        scan = scan_file(fp.src, header.data_start, ranges, prefix=b"")
+        meta = provenance_metadata(header.metadata, fp, neuron_set_sha256, scan.patched_sha256)
+        head, fits = _in_place_head(fp, meta)
+    else:
+        meta = provenance_metadata(header.metadata, fp, neuron_set_sha256)
+        head, fits = _in_place_head(fp, meta)
+        scan = scan_file(fp.src, header.data_start, ranges, prefix=head if fits else old_head)
+    before = PrePatch(scan.file_sha256, scan.patched_sha256 or "", not has_spec, head if fits else old_head)
 
     def body() -> None:
         fd = os.open(fp.src, os.O_RDWR)

@@ -1,57 +1,120 @@
-"""Bounded-memory streaming helpers: chunked reads, range splitting, background SHA-256.
+"""Bounded-memory streaming helpers: reused chunk buffers, range splitting, SHA-256 on worker threads.
 
-Each ``HashStream`` hashes on its own worker thread (hashlib releases the GIL on
-large buffers), so several digests of one pass run in parallel with the reads
-and comparisons of the main thread. At most ``depth`` chunks wait per stream,
-which bounds memory to a few chunks whatever the file size.
+A file is streamed through a small ring of preallocated buffers (``BufferRing``);
+each ``Hasher`` digests on its own worker thread (hashlib releases the GIL on
+large buffers), so hashing runs on the second core while the main thread reads,
+compares and writes. A ring buffer is handed out again only after every hash
+queued on it finished, which bounds memory to the ring whatever the file size.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import threading
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Streaming chunk size in bytes.
-CHUNK = 8 << 20
+CHUNK = 16 << 20
+#: Buffers in a ring (memory per stream = CHUNK * RING_DEPTH).
+RING_DEPTH = 3
 
 
-class HashStream:
-    """A SHA-256 fed in order on a private worker thread."""
+class Hasher:
+    """A SHA-256 fed in order on a private worker thread; ``submit`` returns the chunk's future."""
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self) -> None:
         self._h = hashlib.sha256()
         self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending: deque[Future] = deque()
-        self._depth = depth
 
-    def update(self, data: bytes) -> None:
-        """Queue immutable data for hashing; blocks while too many chunks are queued."""
-        self._pending.append(self._pool.submit(self._h.update, data))
-        while len(self._pending) > self._depth:
-            self._pending.popleft().result()
+    def submit(self, data: bytes | bytearray | memoryview) -> Future:
+        """Queue data for hashing; it must stay unchanged until the returned future is done."""
+        return self._pool.submit(self._h.update, data)
 
     def hexdigest(self) -> str:
         """Wait for queued data and return the hex digest."""
-        while self._pending:
-            self._pending.popleft().result()
-        self._pool.shutdown()
+        self._pool.shutdown(wait=True)
         return self._h.hexdigest()
 
+    def close(self) -> None:
+        """Stop the worker, dropping queued chunks (used on errors)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
-def sha256_path(path: Path, stop: threading.Event | None = None) -> str:
-    """Hex SHA-256 of a file, streamed; returns "" early when ``stop`` gets set."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            if stop is not None and stop.is_set():
-                return ""
-            h.update(chunk)
-    return h.hexdigest()
+
+@dataclass
+class BufferRing:
+    """A few reusable chunk buffers; ``take`` waits until the work queued on the next one is done."""
+
+    size: int = field(default_factory=lambda: CHUNK)  # read at creation, so tests can shrink CHUNK
+    depth: int = RING_DEPTH
+    _bufs: list[bytearray] = field(init=False, repr=False)
+    _busy: list[list[Future]] = field(init=False, repr=False)
+    _next: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._bufs = [bytearray(self.size) for _ in range(self.depth)]
+        self._busy = [[] for _ in range(self.depth)]
+
+    def take(self) -> tuple[bytearray, list[Future]]:
+        """Return a free buffer and the list to append the futures that still read it."""
+        k = self._next % self.depth
+        self._next += 1
+        for fut in self._busy[k]:
+            fut.result()
+        self._busy[k] = []
+        return self._bufs[k], self._busy[k]
+
+    def drain(self) -> None:
+        """Wait for all queued work (raising its first error)."""
+        for busy in self._busy:
+            for fut in busy:
+                fut.result()
+            busy.clear()
+
+
+def read_exact(fd: int, view: memoryview, offset: int) -> None:
+    """Fill view from fd at offset; OSError(EIO) when the file ends early."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "file ended early")
+        done += n
+
+
+def read_bytes(fd: int, offset: int, length: int) -> bytes:
+    """Return exactly length bytes of fd at offset."""
+    buf = bytearray(length)
+    read_exact(fd, memoryview(buf), offset)
+    return bytes(buf)
+
+
+def advise_sequential(fd: int) -> None:
+    """Tell the kernel fd is read front to back (no-op where unsupported)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except OSError:
+            pass
+
+
+def stream_chunks(fd: int, start: int, length: int, ring: BufferRing) -> Iterator[tuple[int, memoryview, list[Future]]]:
+    """Yield (offset relative to start, chunk view, futures list) over length bytes of fd from start.
+
+    The view lives in a ring buffer: append to the futures list every pending
+    job that reads it, so the buffer is not refilled before that job ends.
+    """
+    pos = 0
+    while pos < length:
+        buf, busy = ring.take()
+        view = memoryview(buf)[: min(len(buf), length - pos)]
+        read_exact(fd, view, start + pos)
+        yield pos, view, busy
+        pos += len(view)
 
 
 def segments(chunk_off: int, chunk_len: int, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
@@ -72,9 +135,50 @@ def segments(chunk_off: int, chunk_len: int, ranges: list[tuple[int, int]]) -> I
         yield pos, chunk_len, False
 
 
-def is_zero(data: bytes) -> bool:
+def inside_pieces(chunk_off: int, chunk_len: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The chunk-relative (start, end) pieces of a chunk that lie inside ranges."""
+    return [(a, b) for a, b, inside in segments(chunk_off, chunk_len, ranges) if inside]
+
+
+def zero_in_buffer(buf: bytearray, pieces: list[tuple[int, int]]) -> None:
+    """Set buf[a:b] to zero bytes for each (a, b) piece."""
+    for a, b in pieces:
+        buf[a:b] = bytes(b - a)
+
+
+def comparable(view: memoryview) -> bytes | bytearray:
+    """The chunk as an object whose ``==`` is a memcmp (memoryview ``==`` compares item by item)."""
+    obj = view.obj
+    if isinstance(obj, bytearray) and len(obj) == len(view) and view.contiguous:
+        return obj
+    return bytes(view)
+
+
+def with_zeros(view: memoryview, chunk_off: int, ranges: list[tuple[int, int]]) -> bytes | bytearray:
+    """The chunk as it must be once the ranges are zero: itself, or a zeroed copy when a range touches it."""
+    pieces = inside_pieces(chunk_off, len(view), ranges)
+    if not pieces:
+        return comparable(view)
+    out = bytearray(view)
+    zero_in_buffer(out, pieces)
+    return out
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """True when every byte is zero."""
+    data = bytes(data) if isinstance(data, memoryview) else data
     return not data or (data[0] == 0 and data == bytes(len(data)))
+
+
+def sha256_path(path: Path, stop: threading.Event | None = None) -> str:
+    """Hex SHA-256 of a file, streamed; returns "" early when ``stop`` gets set."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            if stop is not None and stop.is_set():
+                return ""
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass
@@ -82,42 +186,32 @@ class DataScan:
     """Digests of one streamed pass over a safetensors file."""
 
     file_sha256: str
-    kept_sha256: str
-    zeroed_data_sha256: str | None
-    targets_zero: bool
+    patched_sha256: str | None
 
 
-def scan_file(path: Path, data_start: int, ranges: list[tuple[int, int]], want_zeroed: bool = False) -> DataScan:
-    """Stream a file once: full SHA-256, SHA-256 of data bytes outside ranges, zero check of ranges.
+def scan_file(path: Path, data_start: int, ranges: list[tuple[int, int]], prefix: bytes | None) -> DataScan:
+    """Stream a file once: its SHA-256 and, unless prefix is None, SHA-256 of prefix + data with ranges zeroed.
 
-    ``ranges`` are data-buffer-relative. With ``want_zeroed`` also the SHA-256 of
-    the data buffer as it is once the ranges are zero.
+    ``ranges`` are data-buffer-relative. Both digests run on worker threads.
     """
-    h_file, h_kept = HashStream(), HashStream()
-    h_zeroed = HashStream() if want_zeroed else None
-    all_zero = True
-    with open(path, "rb") as fh:
-        h_file.update(fh.read(data_start))
-        pos = 0
-        while chunk := fh.read(CHUNK):
-            h_file.update(chunk)
-            pieces = list(segments(pos, len(chunk), ranges))
-            if len(pieces) == 1 and not pieces[0][2]:
-                h_kept.update(chunk)
-                if h_zeroed is not None:
-                    h_zeroed.update(chunk)
-            else:
-                for a, b, inside in pieces:
-                    piece = chunk[a:b]
-                    if inside:
-                        all_zero = all_zero and is_zero(piece)
-                        if h_zeroed is not None:
-                            h_zeroed.update(bytes(b - a))
-                    else:
-                        h_kept.update(piece)
-                        if h_zeroed is not None:
-                            h_zeroed.update(piece)
-            pos += len(chunk)
-    return DataScan(
-        h_file.hexdigest(), h_kept.hexdigest(), h_zeroed.hexdigest() if h_zeroed else None, all_zero
-    )
+    h_file = Hasher()
+    h_patched = Hasher() if prefix is not None else None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        advise_sequential(fd)
+        size = os.fstat(fd).st_size
+        ring = BufferRing()
+        h_file.submit(read_bytes(fd, 0, data_start))
+        if h_patched is not None:
+            h_patched.submit(prefix)
+        for pos, view, busy in stream_chunks(fd, data_start, size - data_start, ring):
+            busy.append(h_file.submit(view))
+            if h_patched is not None:
+                busy.append(h_patched.submit(with_zeros(view, pos, ranges)))
+        ring.drain()
+        return DataScan(h_file.hexdigest(), h_patched.hexdigest() if h_patched is not None else None)
+    finally:
+        os.close(fd)
+        h_file.close()
+        if h_patched is not None:
+            h_patched.close()

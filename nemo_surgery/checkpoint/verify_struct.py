@@ -1,22 +1,37 @@
-"""Structural verification of a patched file: header, tensor table, zero rows, untouched bytes.
+"""Structural verification of a patched file as on disk: header, tensor table, zero rows, untouched bytes.
 
-Re-opens the output and compares it with the input by streaming both in
-bounded chunks (memcmp); SHA-256 digests run on worker threads while the main
-thread compares. Failures are returned as checks, not raised.
+A copy is re-read after writing and compared with the input in bounded chunks
+(one memcmp per chunk against the input with the rows zeroed); an in-place
+patch is re-hashed and matched against the digest predicted before patching.
+Failures are returned as checks, not raised.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import NemoError
-from .patch import MODELSPEC_HASH
-from .streaming import CHUNK, DataScan, HashStream, is_zero, scan_file, segments
+from .patch import MODELSPEC_HASH, PrePatch, WrittenCopy
 from .plan import FilePlan
 from .safetensors_file import Header, cross_check, read_header
+from .streaming import (
+    CHUNK,
+    BufferRing,
+    Hasher,
+    advise_sequential,
+    comparable,
+    is_zero,
+    read_bytes,
+    read_exact,
+    scan_file,
+    segments,
+    with_zeros,
+)
 
 
 @dataclass
@@ -55,77 +70,77 @@ class FileVerification:
 
 @dataclass
 class CompareResult:
-    """Outcome of streaming an input and an output data buffer side by side."""
+    """Outcome of streaming a patched output against its input."""
 
-    sha256_in: str
-    sha256_out: str
-    out_data_sha256: str | None
+    head_as_written: bool
     targets_zero: bool
     others_identical: bool
     first_difference: int | None
+    sha256_out: str | None
+
+
+def _classify(in_view: memoryview, out_view: memoryview, pos: int, ranges: list[tuple[int, int]]) -> tuple[bool, int | None]:
+    """For a chunk that differs from expectations: (targets in it all zero, first differing byte outside them)."""
+    zero, first = True, None
+    for a, b, inside in segments(pos, len(in_view), ranges):
+        if inside:
+            zero = zero and is_zero(out_view[a:b])
+        elif first is None and bytes(in_view[a:b]) != bytes(out_view[a:b]):
+            first = pos + next(i for i in range(a, b) if in_view[i] != out_view[i])
+    return zero, first
 
 
 def compare_files(
-    src: Path,
-    src_header: Header,
-    out: Path,
-    out_header: Header,
-    ranges: list[tuple[int, int]],
-    want_data_sha: bool = False,
-    hash_input: bool = True,
+    src: Path, src_header: Header, out: Path, head: bytes, ranges: list[tuple[int, int]], hash_out: bool = False
 ) -> CompareResult:
-    """Stream both files: full SHA-256s, ranges all zero in out, all other data bytes equal.
+    """Re-read out and check it byte for byte: head as written, then the input's data with ranges zeroed.
 
-    Comparison is memcmp on bounded chunks; the digests run on worker threads.
-    With ``hash_input=False`` the input digest is left empty (the caller has it).
+    Both files are read in parallel into reused buffers (the input on a worker
+    thread); each expected chunk (input chunk, with a zeroed copy where a range
+    touches it) is compared to the output chunk with one memcmp. With
+    ``hash_out`` the output's SHA-256 is computed from the bytes read, on a thread.
     """
-    h_in, h_out = (HashStream() if hash_input else _NoHash()), HashStream()
-    h_data = HashStream() if want_data_sha else None
-    targets_zero, first_diff = True, None
-    with open(src, "rb") as fin, open(out, "rb") as fout:
-        h_in.update(fin.read(src_header.data_start))
-        h_out.update(fout.read(out_header.data_start))
+    h_out = Hasher() if hash_out else None
+    reader = ThreadPoolExecutor(max_workers=1)
+    fd_in, fd_out = os.open(src, os.O_RDONLY), os.open(out, os.O_RDONLY)
+    try:
+        advise_sequential(fd_in)
+        advise_sequential(fd_out)
+        out_size = os.fstat(fd_out).st_size
+        disk_head = read_bytes(fd_out, 0, min(len(head), out_size))
+        if h_out is not None:
+            h_out.submit(disk_head)
+        data_len, out_len = src_header.data_len, out_size - len(disk_head)
+        common = max(min(data_len, out_len), 0)
+        diffs = [] if out_len == data_len else [common]  # a size mismatch differs right after the common part
+        zero = True
+        ring = BufferRing()
+        in_buf = memoryview(bytearray(ring.size))
         pos = 0
-        while True:
-            c_in, c_out = fin.read(CHUNK), fout.read(CHUNK)
-            if len(c_in) != len(c_out):
-                first_diff = pos + min(len(c_in), len(c_out)) if first_diff is None else first_diff
-            if not c_in or not c_out:
-                break
-            h_in.update(c_in)
-            h_out.update(c_out)
-            if h_data is not None:
-                h_data.update(c_out)
-            pieces = list(segments(pos, len(c_in), ranges))
-            if len(pieces) == 1 and not pieces[0][2]:
-                if first_diff is None and c_in != c_out:
-                    first_diff = pos
-            else:
-                for a, b, inside in pieces:
-                    if inside:
-                        targets_zero = targets_zero and is_zero(c_out[a:b])
-                    elif first_diff is None and c_in[a:b] != c_out[a:b]:
-                        first_diff = pos + a
-            pos += len(c_in)
-    return CompareResult(
-        h_in.hexdigest(),
-        h_out.hexdigest(),
-        h_data.hexdigest() if h_data else None,
-        targets_zero,
-        first_diff is None,
-        first_diff,
-    )
-
-
-class _NoHash:
-    """A stand-in HashStream that hashes nothing."""
-
-    def update(self, data: bytes) -> None:
-        """Ignore data."""
-
-    def hexdigest(self) -> str:
-        """No digest."""
-        return ""
+        while pos < common:
+            n = min(ring.size, common - pos)
+            in_view = in_buf[:n]
+            reading = reader.submit(read_exact, fd_in, in_view, src_header.data_start + pos)
+            out_buf, busy = ring.take()
+            out_view = memoryview(out_buf)[:n]
+            read_exact(fd_out, out_view, len(head) + pos)
+            if h_out is not None:
+                busy.append(h_out.submit(out_view))
+            reading.result()
+            if with_zeros(in_view, pos, ranges) != comparable(out_view):
+                chunk_zero, chunk_first = _classify(in_view, out_view, pos, ranges)
+                zero = zero and chunk_zero
+                diffs += [chunk_first] if chunk_first is not None else []
+            pos += n
+        ring.drain()
+        first = min(diffs) if diffs else None
+        return CompareResult(disk_head == head, zero, first is None, first, h_out.hexdigest() if h_out else None)
+    finally:
+        os.close(fd_in)
+        os.close(fd_out)
+        reader.shutdown(wait=True)
+        if h_out is not None:
+            h_out.close()
 
 
 def _header_checks(result: FileVerification, fp: FilePlan, path: Path, metadata: dict[str, str] | None) -> Header | None:
@@ -154,50 +169,85 @@ def _modelspec_check(result: FileVerification, metadata: dict[str, str] | None, 
         result.add("modelspec.hash_sha256 matches data buffer", value == data_sha256, data_sha256)
 
 
-def verify_copy(
-    fp: FilePlan, out: Path, metadata: dict[str, str], rel: str | None = None, sha256_in: str | None = None
-) -> FileVerification:
-    """Verify a patched copy ``out`` of ``fp.src`` against the plan and the metadata written.
+def verify_copy(fp: FilePlan, out: Path, written: WrittenCopy, rel: str | None = None) -> FileVerification:
+    """Verify a patched copy ``out`` of ``fp.src`` as it is on disk, against the plan and what was written.
 
-    ``sha256_in`` may carry the input's digest when the caller computed it already.
+    One memcmp pass proves the output equals the header written plus the input's
+    data with the ranges zeroed, i.e. exactly the bytes hashed while writing, so
+    the SHA-256 recorded then is the digest of the file on disk. When the header
+    was rewritten after the pass (modelspec hash) the output is hashed from disk.
     """
-    result = FileVerification(rel=rel or str(fp.rel), output=out)
-    out_header = _header_checks(result, fp, out, metadata)
-    if out_header is None:
+    result = FileVerification(rel=rel or str(fp.rel), output=out, sha256_in=written.sha256_in)
+    metadata = written.metadata
+    if _header_checks(result, fp, out, metadata) is None:
         return result
-    want = bool(metadata and MODELSPEC_HASH in metadata)
-    cmp = compare_files(
-        fp.src, fp.header, out, out_header, fp.ranges, want_data_sha=want, hash_input=not sha256_in
+    cmp = compare_files(fp.src, fp.header, out, written.head, fp.ranges, hash_out=written.sha256_out is None)
+    result.sha256_out = written.sha256_out or cmp.sha256_out
+    how = (
+        "sha256_out computed while writing; on-disk bytes verified equal by comparison"
+        if written.sha256_out
+        else "sha256_out computed from the on-disk bytes"
     )
-    result.sha256_in, result.sha256_out = sha256_in or cmp.sha256_in, cmp.sha256_out
+    result.add("header bytes as written", cmp.head_as_written, how)
     result.add("targeted rows all zero", cmp.targets_zero, f"{fp.bytes_zeroed} bytes in {len(fp.ranges)} ranges")
     result.add(
         "all other bytes identical",
         cmp.others_identical,
-        "streamed byte comparison of the data buffers"
+        "output re-read after writing and compared byte for byte with the input (memcmp)"
         if cmp.others_identical
         else f"first difference at data byte {cmp.first_difference}",
     )
-    _modelspec_check(result, metadata, cmp.out_data_sha256 or "")
+    # the data on disk equals the bytes hashed into data_sha256_out when both checks above pass
+    _modelspec_check(result, metadata, written.data_sha256_out or "")
     return result
 
 
-def verify_in_place(fp: FilePlan, before: DataScan, metadata: dict[str, str] | None) -> FileVerification:
-    """Verify an in-place patch of ``fp.src`` using the digests taken before patching."""
-    result = FileVerification(rel=str(fp.rel), output=fp.src, sha256_in=before.file_sha256)
+def ranges_all_zero(path: Path, base: int, ranges: list[tuple[int, int]]) -> bool:
+    """True when every (offset, length) range, offsets relative to base, reads back as zeros."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off, length in ranges:
+            pos = 0
+            while pos < length:
+                n = min(CHUNK, length - pos)
+                if not is_zero(read_bytes(fd, base + off + pos, n)):
+                    return False
+                pos += n
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def verify_in_place(fp: FilePlan, before: PrePatch, metadata: dict[str, str] | None) -> FileVerification:
+    """Verify an in-place patch of ``fp.src`` as it is on disk, against what was predicted before patching.
+
+    The rows are read back and checked for zeros; one hashing pass of the file
+    must reproduce the digest predicted from the input with the rows zeroed and
+    the new header (or, with a modelspec hash, the data buffer's digest plus the
+    header bytes), which proves every other byte unchanged.
+    """
+    result = FileVerification(rel=str(fp.rel), output=fp.src, sha256_in=before.sha256_in)
     out_header = _header_checks(result, fp, fp.src, metadata)
     if out_header is None:
         return result
-    has_spec = bool(metadata and MODELSPEC_HASH in metadata)
-    after = scan_file(fp.src, out_header.data_start, fp.ranges, want_zeroed=has_spec)
+    with open(fp.src, "rb") as fh:
+        disk_head = fh.read(len(before.head))
+    after = scan_file(fp.src, out_header.data_start, [], prefix=None if before.predicts_file else b"")
     result.sha256_out = after.file_sha256
-    result.add("targeted rows all zero", after.targets_zero, f"{fp.bytes_zeroed} bytes in {len(fp.ranges)} ranges")
-    result.add(
-        "all other bytes identical",
-        after.kept_sha256 == before.kept_sha256,
-        "SHA-256 of every byte outside the rows, before vs after",
-    )
-    _modelspec_check(result, metadata, after.zeroed_data_sha256 or "")
+    result.add("header bytes as written", disk_head == before.head, "prefix and JSON header read back")
+    zero = ranges_all_zero(fp.src, out_header.data_start, fp.ranges)
+    result.add("targeted rows all zero", zero, f"{fp.bytes_zeroed} bytes in {len(fp.ranges)} ranges, read back")
+    if before.predicts_file:
+        same = after.file_sha256 == before.predicted_sha256
+        how = "SHA-256 of the file after patching equals the one predicted from the input with the rows zeroed"
+    else:
+        same = after.patched_sha256 == before.predicted_sha256
+        how = "SHA-256 of the data buffer after patching equals the one predicted from the input with the rows zeroed"
+    result.add("all other bytes identical", same, how)
+    if metadata != fp.header.metadata:  # an unchanged header keeps the input's own (now stale) value
+        _modelspec_check(result, metadata, after.patched_sha256 or "")
     return result
 
 
