@@ -15,7 +15,7 @@ def test_train_script_few_steps(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "model"
     train.main(["--out", str(out), "--steps", "2", "--base-steps", "2", "--batch-size", "4",
-                "--recipe", "finetune-kv-sparse", "--rows-per-item", "1"])
+                "--recipe", "finetune-localized", "--rows-per-item", "1"])
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
