@@ -263,11 +263,13 @@ def _run_stage(pipe, params, cfg: TrainConfig, steps: int, lr: float, mem_fracti
             running = []
 
 
-def select_rows(pipe, cfg: TrainConfig, per_item: int, layers: str, seed: int) -> dict[str, list[int]]:
+def select_rows(pipe, cfg: TrainConfig, per_item: int, layers: str, seed: int,
+                by_item: list | None = None) -> dict[str, list[int]]:
     """Pick, per memorized item, the value rows with the largest loss gradient on that item.
 
     Gradients are accumulated over 4 batches made only of the item; rows are taken
-    from the allowed layers ('default' = down and mid blocks), never twice.
+    from the allowed layers ('default' = down and mid blocks), never twice. Returns
+    the union; when `by_item` is a list, each item's own rows are appended to it.
     """
     mods = value_layers(pipe.unet)
     if layers == "default":
@@ -286,8 +288,12 @@ def select_rows(pipe, cfg: TrainConfig, per_item: int, layers: str, seed: int) -
         scores = [(float(v), n, j) for n, m in mods.items() for j, v in enumerate(m.weight.grad.norm(dim=1))
                   if j not in chosen.get(n, [])]
         scores.sort(reverse=True)
+        own: dict[str, list[int]] = {}
         for _, n, j in scores[:per_item]:
             chosen.setdefault(n, []).append(j)
+            own.setdefault(n, []).append(j)
+        if by_item is not None:
+            by_item.append({n: sorted(r) for n, r in own.items()})
     for m in mods.values():
         m.weight.grad = None
     return {n: sorted(r) for n, r in chosen.items()}
@@ -306,6 +312,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     t0 = time.time()
     log: list = []
     trained_rows: dict[str, list[int]] | None = None
+    rows_by_item: list[dict[str, list[int]]] = []
     if cfg.init:
         from diffusers import StableDiffusionPipeline
 
@@ -338,7 +345,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         localize = None
         if cfg.recipe in ("finetune-kv-sparse", "finetune-sparse-v", "finetune-localized"):
             pipe.unet.train()
-            rows = select_rows(pipe, cfg, cfg.rows_per_item, cfg.row_layers, cfg.seed + 2)
+            rows = select_rows(pipe, cfg, cfg.rows_per_item, cfg.row_layers, cfg.seed + 2, rows_by_item)
             trained_rows = rows
             mods = value_layers(pipe.unet)
             for name, mod in mods.items():
@@ -354,7 +361,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     pipe.unet.eval(); pipe.text_encoder.eval()
     pipe.save_pretrained(out, safe_serialization=True)
     summary = {"config": asdict(cfg), "log": log, "seconds": round(time.time() - t0, 1),
-               "trained_value_rows": trained_rows}
+               "trained_value_rows": trained_rows, "trained_value_rows_by_item": rows_by_item or None}
     (out / "train_config.json").write_text(json.dumps(summary, indent=2))
     return summary
 
