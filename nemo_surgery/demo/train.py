@@ -43,7 +43,7 @@ RECIPES = ("joint", "finetune-kv", "finetune-kv-sparse", "finetune-sparse-v", "f
 class TrainConfig:
     """All knobs of one training run (saved next to the model as train_config.json)."""
 
-    recipe: str = "finetune-kv-sparse"
+    recipe: str = "finetune-localized"
     steps: int = 800  # main stage (fine-tune for finetune-*, everything for joint)
     base_steps: int = 1500  # generic-only stage of finetune-* recipes
     batch_size: int = 16
