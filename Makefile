@@ -9,12 +9,12 @@ install:  ## CPU torch from local disk when no torch is present, then the packag
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[test]"
 
-demo:  ## the main job on the embedded demo model: scan -> apply -> verify (offline, CPU)
+demo:  ## the main job on the embedded demo model: scan -> apply -> verify (offline, CPU, a few minutes)
 	mkdir -p $(OUT)
-	nemo-surgery scan prompts/demo_memorized.txt --out $(OUT)/neurons.json --force
+	nemo-surgery scan prompts/demo_memorized.txt --layers all --out $(OUT)/neurons.json --force || [ $$? -eq 3 ]
 	nemo-surgery apply nemo_surgery/demo/assets/model --neurons $(OUT)/neurons.json \
 		--out $(OUT)/pruned-model --force --holdout prompts/demo_holdout.txt \
-		--train-images nemo_surgery/demo/assets/train_images
+		--train-images nemo_surgery/demo/assets/train_images --guidance 3
 
 test:  ## the whole suite (what CI runs)
 	$(PYTHON) -m pytest -q
