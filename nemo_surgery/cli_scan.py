@@ -152,12 +152,14 @@ def _print_summary(summary, console) -> None:
     from rich.table import Table
 
     from .console import info
-    table = Table(title=f"scan (tau = {summary.tau:.4f})", show_lines=False)
+    table = Table(title=f"scan (tau = {summary.tau:.4f})", show_lines=False,
+                  caption="detection: mean pairwise MS-SSIM over seeds (memorized when above tau); "
+                          "score: the final set's mitigation score (below tau = mitigated)")
     for col in ("#", "prompt", "memorized", "detection", "neurons", "score", "verdict"):
         table.add_column(col, overflow="fold")
     for r in summary.results:
         verdict = "-" if not r.memorized else ("mitigated" if r.mitigated else "[red]NOT mitigated[/red]")
-        table.add_row(str(r.index), r.prompt[:48], "yes" if r.memorized else "no", f"{r.detection_score:.3f}",
+        table.add_row(str(r.index), r.prompt[:48], "yes" if r.memorized else "no", f"{r.mean_pairwise:.3f}",
                       str(r.count) if r.memorized else "-",
                       f"{r.final_score:.3f}" if r.final_score is not None else "-", verdict)
     console.print(table)
