@@ -7,8 +7,8 @@ from rich.table import Table
 
 from .apply import ApplyFailed, ApplyResult, run_apply
 from .cli import emit_json, json_option, main, quiet_option, run_command
-from .console import console, info
 from .cli_verify import build_options, execute_verify, verify_input_options, verify_tuning_options
+from .console import console, info
 from .verify.run import loadable_pipeline, precheck_inputs
 
 

@@ -28,7 +28,8 @@ def verify_input_options(f):
 def verify_tuning_options(f):
     """Sampling, thresholds, optional metrics and device options of verify."""
     opts = [
-        click.option("--seeds", default=4, show_default=True, type=click.IntRange(2), help="Samples per prompt (same seeds before and after)."),
+        click.option("--seeds", default=4, show_default=True, type=click.IntRange(2),
+                     help="Samples per prompt (same seeds before and after)."),
         click.option("--seed", default=0, show_default=True, help="Seed of the one CPU generator that draws the initial noise."),
         click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="DDIM steps of full sampling."),
         click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale of full sampling."),

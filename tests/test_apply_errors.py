@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from checkpoint_fixtures import DEFAULT_NEURONS, REAL_LAYER, layer_shapes, ldm_state, write_ldm_file, write_neuron_set, write_pipeline
+
 from nemo_surgery.apply import ApplyFailed, run_apply
 from nemo_surgery.checkpoint import patch
 from nemo_surgery.errors import InputError, NemoError
@@ -23,7 +23,8 @@ def test_shape_mismatch_is_another_architecture(tmp_path: Path) -> None:
     shapes = dict(layer_shapes())
     shapes[REAL_LAYER] = (320, 1024)  # SD 2.x set against an SD 1.x file
     ns = write_neuron_set(tmp_path / "set.json", {REAL_LAYER: [1]}, shapes)
-    with pytest.raises(InputError, match=r"another architecture: .*input_blocks\.1\.1.* has shape \[320, 768\] but the set says \[320, 1024\]"):
+    expected = r"another architecture: .*input_blocks\.1\.1.* has shape \[320, 768\] but the set says \[320, 1024\]"
+    with pytest.raises(InputError, match=expected):
         run_apply(src, ns)
     _nothing_written(tmp_path, {"m.safetensors", "set.json"})
 
@@ -136,8 +137,8 @@ def test_empty_neuron_set(tmp_path: Path) -> None:
 
 
 def test_not_a_unet_checkpoint(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"text_model.x": torch.ones(2)}, str(tmp_path / "te.safetensors"))
     ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)

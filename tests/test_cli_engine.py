@@ -35,7 +35,8 @@ def test_stats_then_scan_end_to_end(planted, holdout_file, tmp_path, cli_cmd):
     # rerunning without --resume/--force refuses with one line and exit 2
     proc = _run("scan", prompts, "--model", folder, "--stats", stats, "--out", out)
     assert proc.returncode == 2 and "pass --force" in proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.strip()] == [f"error: {out}: exists; pass --force to overwrite it or --resume to continue its scan"]
+    expected = f"error: {out}: exists; pass --force to overwrite it or --resume to continue its scan"
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [expected]
 
 
 @pytest.mark.parametrize(

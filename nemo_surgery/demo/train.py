@@ -322,14 +322,17 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     pipe.vae.requires_grad_(False)
     if cfg.recipe == "joint":
         params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
-        pipe.unet.train(); pipe.text_encoder.train()
+        pipe.unet.train()
+        pipe.text_encoder.train()
         _run_stage(pipe, params, cfg, cfg.steps, cfg.lr, cfg.mem_fraction, cfg.seed, "joint", log)
     else:
         if not cfg.init:
             params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
-            pipe.unet.train(); pipe.text_encoder.train()
+            pipe.unet.train()
+            pipe.text_encoder.train()
             _run_stage(pipe, params, cfg, cfg.base_steps, cfg.lr, 0.0, cfg.seed, "base", log)
-            pipe.unet.eval(); pipe.text_encoder.eval()
+            pipe.unet.eval()
+            pipe.text_encoder.eval()
             pipe.save_pretrained(out / "base", safe_serialization=True)
         pipe.unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
@@ -358,7 +361,8 @@ def train(cfg: TrainConfig, out: Path) -> dict:
                 localize = (base_unet, rows)
         _run_stage(pipe, params, cfg, cfg.steps, cfg.finetune_lr, cfg.mem_fraction, cfg.seed + 1,
                    "finetune", log, weight_decay=0.0, localize=localize)
-    pipe.unet.eval(); pipe.text_encoder.eval()
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
     pipe.save_pretrained(out, safe_serialization=True)
     summary = {"config": asdict(cfg), "log": log, "seconds": round(time.time() - t0, 1),
                "trained_value_rows": trained_rows, "trained_value_rows_by_item": rows_by_item or None}

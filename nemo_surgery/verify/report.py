@@ -182,7 +182,8 @@ def render_model_card(result: VerifyResult) -> str:
         f"{result.max_sample_agreement:.4f} ({result.agreement_source}); training-image SSIM threshold "
         f"{result.max_train_similarity}.",
         "",
-        "| # | prompt | detection before | detection after | sample agreement before | after | max SSIM to training image (after) | result |",
+        "| # | prompt | detection before | detection after | sample agreement before | after "
+        "| max SSIM to training image (after) | result |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in result.checks:
