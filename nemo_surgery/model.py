@@ -12,13 +12,10 @@ from typing import Any
 
 import torch
 
+from .demo.paths import DEMO_MODEL_DIR, DEMO_STATS  # noqa: F401  (the default model and statistics)
 from .errors import InputError
 from .layers import ValueLayer, discover_value_layers
 from .options import DEVICES, DTYPE_NAMES
-
-#: The embedded demo pipeline, the default of --model, and its hold-out statistics.
-DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "assets" / "model"
-DEMO_STATS = DEMO_MODEL_DIR.parent / "stats.json"
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -168,17 +167,6 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
     """True when every byte is zero."""
     data = bytes(data) if isinstance(data, memoryview) else data
     return not data or (data[0] == 0 and data == bytes(len(data)))
-
-
-def sha256_path(path: Path, stop: threading.Event | None = None) -> str:
-    """Hex SHA-256 of a file, streamed; returns "" early when ``stop`` gets set."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            if stop is not None and stop.is_set():
-                return ""
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

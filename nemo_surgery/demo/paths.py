@@ -9,6 +9,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_MODEL_DIR = ASSETS / "model"
 #: Training images of the memorized captions; file name = line index in prompts/demo_memorized.txt.
 DEMO_TRAIN_IMAGES = ASSETS / "train_images"
+#: Hold-out statistics of the demo model: the default --stats of `scan` with no --model.
+DEMO_STATS = ASSETS / "stats.json"
 #: How the shipped model was produced and what was measured on it.
 DEMO_RECIPE = ASSETS / "recipe.json"
 
