@@ -105,11 +105,11 @@ def scan_prompt(
         result.mitigated = init.mitigated
         if init.mitigated:
             mark = time.perf_counter()
-            final = refine(init.blocked, scorer.slices, z, oracle, tau, width)
+            final, final_score = refine(init.blocked, scorer.slices, z, oracle, tau, width, init.score)
             stages["refine"] = time.perf_counter() - mark
             result.neurons = scorer.split(final)
             result.count = int(final.sum())
-            result.final_score = round(float(oracle(final.unsqueeze(0))[0]), 6)
+            result.final_score = round(final_score, 6)
         else:
             result.final_score = round(init.best_score, 6)
     result.unet_calls = scorer.counter.calls - calls0

@@ -106,14 +106,16 @@ def greedy_drop(
     tau: float,
     width: int,
     predict_drop: bool = True,
-) -> tuple[torch.Tensor, int]:
+    score: float = float("nan"),
+) -> tuple[torch.Tensor, int, float]:
     """Greedily drop each group (index tensor) from the set if the set without it still mitigates.
 
     Exactly the sequential greedy pass, evaluated ``width`` decisions per
     oracle call: the next decisions are speculated (each predicted equal to
     the last actual decision) and the evaluated prefix up to and including
-    the first mis-prediction is kept. Returns the reduced set and the number
-    of groups dropped.
+    the first mis-prediction is kept. Returns the reduced set, the number
+    of groups dropped, and the reduced set's score (``score`` when nothing
+    was dropped).
     """
     current = blocked.clone()
     groups = [g for g in groups if current[g].any()]
@@ -129,16 +131,16 @@ def greedy_drop(
             if predict:
                 state = trial
         scores = oracle(torch.stack(masks)).tolist()
-        for mask, pred, score in zip(masks, preds, scores):
+        for mask, pred, trial_score in zip(masks, preds, scores):
             pos += 1
-            drop = score < tau
+            drop = trial_score < tau
             if drop:
-                current = mask
+                current, score = mask, trial_score
                 dropped += 1
             predict = drop
             if drop != pred:
                 break
-    return current, dropped
+    return current, dropped, score
 
 
 def refine(
@@ -148,22 +150,25 @@ def refine(
     oracle: Oracle,
     tau: float,
     width: int,
-) -> torch.Tensor:
+    score: float,
+) -> tuple[torch.Tensor, float]:
     """Layer-wise then neuron-wise refinement (layers in reverse order), then certify 1-minimality.
+
+    ``score`` is the score of ``blocked``; returns the refined set and its score.
 
     Within a layer, neurons with the lowest z-score are tried first. The
     neuron-wise pass repeats until it drops nothing, which proves that no
     single neuron can be removed without breaking mitigation.
     """
     layer_groups = [torch.arange(sl.start, sl.stop) for sl in reversed(slices)]
-    current, _ = greedy_drop(blocked, layer_groups, oracle, tau, width, predict_drop=True)
+    current, _, score = greedy_drop(blocked, layer_groups, oracle, tau, width, predict_drop=True, score=score)
     predict = True
     while True:
         neurons = []
         for sl in reversed(slices):
             idx = torch.nonzero(current[sl]).flatten() + sl.start
             neurons.extend(idx[torch.argsort(z[idx], stable=True)].split(1))
-        current, dropped = greedy_drop(current, neurons, oracle, tau, width, predict_drop=predict)
+        current, dropped, score = greedy_drop(current, neurons, oracle, tau, width, predict_drop=predict, score=score)
         if dropped == 0:
-            return current
+            return current, score
         predict = False  # later passes mostly confirm: speculate "keep"

@@ -149,7 +149,8 @@ def test_speculative_greedy_equals_the_sequential_pass(width):
     start = torch.ones(40, dtype=torch.bool)
     groups = [torch.tensor([i]) for i in torch.randperm(40, generator=gen).tolist()]
     expected = _sequential_greedy(start, groups, oracle, tau=0.35)
-    got, dropped = greedy_drop(start, groups, oracle, 0.35, width, predict_drop=True)
+    got, dropped, score = greedy_drop(start, groups, oracle, 0.35, width, predict_drop=True, score=0.0)
     assert got.equal(expected)
     assert dropped == int(start.sum() - expected.sum())
+    assert score == pytest.approx(float(oracle(got.unsqueeze(0))[0]))
     assert set(torch.nonzero(got).flatten().tolist()) >= needed
