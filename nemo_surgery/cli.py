@@ -60,11 +60,14 @@ def run_command(f: Callable[..., int | None]) -> Callable[..., None]:
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             console.quiet = False
-            console.print("[red]interrupted[/red]: partial outputs were not written; rerun to resume")
+            console.print("[red]interrupted[/red]: no output was half-written; finished scan records are kept "
+                          "(rerun scan with --resume)")
             sys.exit(130)
-        except MemoryError:
+        except (MemoryError, RuntimeError) as exc:  # torch's CUDA/MPS out-of-memory errors are RuntimeErrors
+            if not isinstance(exc, MemoryError) and "out of memory" not in str(exc).lower():
+                raise
             console.quiet = False
-            console.print("[red]error:[/red] out of memory; lower --batch-size or use --dtype fp16")
+            console.print("[red]error:[/red] out of memory; lower --batch-size, or use --dtype fp16 on a GPU")
             sys.exit(EXIT_FAILURE)
         sys.exit(code)
 

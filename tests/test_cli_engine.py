@@ -72,3 +72,20 @@ def test_bad_input_is_one_line_with_exit_2(planted, planted_stats, tmp_path, arg
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
     assert not (tmp_path / "o.json").exists()
+
+
+def test_out_of_memory_is_one_line_and_other_errors_propagate():
+    import click
+
+    from nemo_surgery.cli import run_command
+
+    @click.command()
+    @click.argument("message")
+    @run_command
+    def fail(message):
+        raise RuntimeError(message)
+
+    oom = CliRunner().invoke(fail, ["CUDA out of memory. Tried to allocate 2.00 GiB"])
+    assert oom.exit_code == 1 and oom.output.strip().startswith("error: out of memory; lower --batch-size")
+    other = CliRunner().invoke(fail, ["shape mismatch"])
+    assert isinstance(other.exception, RuntimeError) and "shape mismatch" in str(other.exception)
