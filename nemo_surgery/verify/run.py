@@ -413,14 +413,15 @@ def run_verify(
 
     say("detection scores before/after")
     texts = [p.text for p in prompts]
-    deltas_o = scorer_o.noise_differences(orig_model.encode(texts))
-    deltas_p = scorer_p.noise_differences(pruned_model.encode(texts))
+    cond_o, cond_p = orig_model.encode(texts), pruned_model.encode(texts)
+    deltas_o = scorer_o.noise_differences(cond_o)
+    deltas_p = scorer_p.noise_differences(cond_p)
     dets_o = [scorer_o.detect(d, tau) for d in deltas_o]
     dets_p = [scorer_p.detect(d, tau) for d in deltas_p]
 
     say(f"sampling {len(prompts)} memorized prompt(s) x {sampling.seeds} seeds, before and after")
-    mem_before = sample_images(orig_model, orig_model.encode(texts), sampling).numpy()
-    mem_after = sample_images(pruned_model, pruned_model.encode(texts), sampling).numpy()
+    mem_before = sample_images(orig_model, cond_o, sampling).numpy()
+    mem_after = sample_images(pruned_model, cond_p, sampling).numpy()
 
     drift = None
     hold_before = hold_after = None
