@@ -52,29 +52,21 @@ def load_pipeline(folder: str | Path):
 
 
 def value_layers(unet, which: str = "all") -> dict[str, torch.nn.Linear]:
-    """Return attn2.to_v modules by name; which='default' keeps down and mid blocks only."""
-    out = {n: m for n, m in unet.named_modules() if n.endswith("attn2.to_v")}
-    if which == "default":
-        out = {n: m for n, m in out.items() if not n.startswith("up_blocks")}
-    return out
+    """Return attn2.to_v modules by id; which='default' keeps down and mid blocks only (the engine's sets)."""
+    from nemo_surgery.layers import discover_value_layers, select_layers
+
+    return {layer.id: layer.module for layer in select_layers(discover_value_layers(unet), which)}
 
 
 @contextlib.contextmanager
 def zeroed(unet, neurons: dict[str, list[int]]):
-    """Context manager: multiply the outputs of the given value rows by zero via forward hooks."""
-    handles = []
-    mods = dict(unet.named_modules())
-    for name, rows in neurons.items():
-        if not rows:
-            continue
-        mask = torch.ones(mods[name].out_features)
-        mask[list(rows)] = 0.0
-        handles.append(mods[name].register_forward_hook(lambda m, i, o, mask=mask: o * mask))
-    try:
+    """Context manager: zero the outputs of the given value rows (the engine's ValueMask hook)."""
+    from nemo_surgery.hooks import ValueMask, blocked_masks
+    from nemo_surgery.layers import discover_value_layers
+
+    layers = discover_value_layers(unet)
+    with ValueMask(layers, blocked_masks(layers, {name: rows for name, rows in neurons.items() if rows})):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_surgery.demo import data
+from nemo_surgery.demo.evaluate import value_layers
 from nemo_surgery.demo.pixel_vae import build_pixel_vae
 
 RECIPES = ("joint", "finetune-kv", "finetune-kv-sparse", "finetune-sparse-v", "finetune-localized")
@@ -176,18 +177,13 @@ class Batches:
         return torch.from_numpy(np.stack(imgs)), caps
 
 
-def value_layers(unet) -> dict[str, torch.nn.Linear]:
-    """Return the cross-attention value projections (attn2.to_v) by module name."""
-    return {n: m for n, m in unet.named_modules() if n.endswith("attn2.to_v")}
-
-
 def _alphas_cumprod(pipe) -> torch.Tensor:
     sched = pipe.scheduler
     return sched.alphas_cumprod.float()
 
 
-def diffusion_loss(pipe, ids: torch.Tensor, x0: torch.Tensor, gen: torch.Generator, offset: float) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn timesteps (scaled_linear betas)."""
+def noised(pipe, x0: torch.Tensor, gen: torch.Generator, offset: float):
+    """Draw timesteps and (offset) noise; return (x_t, t, noise) for a batch of clean images."""
     acp = _alphas_cumprod(pipe)
     b = x0.shape[0]
     t = torch.randint(0, acp.shape[0], (b,), generator=gen)
@@ -195,7 +191,12 @@ def diffusion_loss(pipe, ids: torch.Tensor, x0: torch.Tensor, gen: torch.Generat
     if offset > 0:
         noise = noise + offset * torch.randn((b, x0.shape[1], 1, 1), generator=gen)
     a = acp[t].view(b, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+
+
+def diffusion_loss(pipe, ids: torch.Tensor, x0: torch.Tensor, gen: torch.Generator, offset: float) -> torch.Tensor:
+    """Epsilon-prediction MSE at uniformly drawn timesteps (scaled_linear betas)."""
+    xt, t, noise = noised(pipe, x0, gen, offset)
     emb = pipe.text_encoder(ids)[0]
     pred = pipe.unet(xt, t, encoder_hidden_states=emb).sample
     return F.mse_loss(pred, noise)
@@ -211,14 +212,7 @@ def localized_loss(pipe, base_unet, rows: dict[str, list[int]], weight: float, i
     """
     from nemo_surgery.demo.evaluate import zeroed
 
-    acp = _alphas_cumprod(pipe)
-    b = x0.shape[0]
-    t = torch.randint(0, acp.shape[0], (b,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    if offset > 0:
-        noise = noise + offset * torch.randn((b, x0.shape[1], 1, 1), generator=gen)
-    a = acp[t].view(b, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    xt, t, noise = noised(pipe, x0, gen, offset)
     with torch.no_grad():
         emb = pipe.text_encoder(ids)[0]
         target = base_unet(xt, t, encoder_hidden_states=emb).sample
@@ -271,9 +265,7 @@ def select_rows(pipe, cfg: TrainConfig, per_item: int, layers: str, seed: int,
     from the allowed layers ('default' = down and mid blocks), never twice. Returns
     the union; when `by_item` is a list, each item's own rows are appended to it.
     """
-    mods = value_layers(pipe.unet)
-    if layers == "default":
-        mods = {n: m for n, m in mods.items() if not n.startswith("up_blocks")}
+    mods = value_layers(pipe.unet, layers)
     cache = TextCache(pipe.tokenizer)
     gen = torch.Generator().manual_seed(seed)
     imgs = [torch.from_numpy(data.to_model_space(im)) for im in data.memorized_images(cfg.sample_size)]
