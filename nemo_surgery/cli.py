@@ -46,6 +46,16 @@ def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")(f)
 
 
+def device_options(f: Callable) -> Callable:
+    """Add --device and --dtype (the same choices for every command that loads a model)."""
+    from .options import DEVICES, DTYPE_NAMES
+
+    f = click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="fp32", show_default=True,
+                     help="Weights and activations dtype (fp16/bf16 on GPUs).")(f)
+    return click.option("--device", default="auto", show_default=True,
+                        help=f"One of {', '.join(DEVICES)} (or cuda:N); auto picks cuda, then mps, then cpu.")(f)
+
+
 def run_command(f: Callable[..., int | None]) -> Callable[..., None]:
     """Wrap a command body: apply --quiet, map NemoError to a one-line error and exit code."""
 

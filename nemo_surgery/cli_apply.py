@@ -9,7 +9,6 @@ from .apply import ApplyFailed, ApplyResult, run_apply
 from .cli import emit_json, json_option, main, quiet_option, run_command
 from .cli_verify import build_options, execute_verify, verify_input_options, verify_tuning_options
 from .console import console, info
-from .verify.run import loadable_pipeline, precheck_inputs
 
 
 def _print_plan(result: ApplyResult) -> None:
@@ -51,6 +50,8 @@ def apply_command(
     A loadable pipeline folder is then verified (see `verify`; report in
     <output>/nemo_report) and the exit code is verify's verdict; --no-verify skips it.
     """
+    from .verify.run import loadable_pipeline, precheck_inputs
+
     verify = not (no_verify or dry_run or in_place) and loadable_pipeline(ckpt)
     if verify:
         options = build_options(**verify_kwargs)

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli import emit_json, json_option, main, quiet_option, run_command
-from .options import DEVICES, DTYPE_NAMES
+from .cli import device_options, emit_json, json_option, main, quiet_option, run_command
 
 MODEL_HELP = "Diffusers pipeline folder or hub id (cache only, offline). Default: the embedded demo model."
 
@@ -16,10 +15,7 @@ def model_options(f):
     """--model, --device, --dtype and --batch-size, shared by stats and scan."""
     f = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
                      help="Most UNet samples per forward call (lower it when memory is short).")(f)
-    f = click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="fp32", show_default=True,
-                     help="Weights and activations dtype (fp16/bf16 on GPUs).")(f)
-    f = click.option("--device", default="auto", show_default=True,
-                     help=f"One of {', '.join(DEVICES)} (or cuda:N); auto picks cuda, then mps, then cpu.")(f)
+    f = device_options(f)
     f = click.option("--model", "-m", "model", default=None, help=MODEL_HELP)(f)
     return f
 

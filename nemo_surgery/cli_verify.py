@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli import emit_json, json_option, main, quiet_option, run_command
-from .model import DEVICES, DTYPES
+from .cli import device_options, emit_json, json_option, main, quiet_option, run_command
 
 
 def verify_input_options(f):
@@ -43,8 +42,7 @@ def verify_tuning_options(f):
                           "(default: hold-out mean + 1 std on the original; 0.5 without --holdout)."),
         click.option("--sscd", type=click.Path(path_type=Path), default=None, help="Local TorchScript SSCD model (optional)."),
         click.option("--clip", type=click.Path(path_type=Path), default=None, help="Local CLIP model folder (optional)."),
-        click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} (or cuda:N)."),
-        click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True, help="Weights dtype."),
+        device_options,
     ]
     for opt in reversed(opts):
         f = opt(f)
