@@ -10,7 +10,6 @@ e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v``. The LDM
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 VALUE_SUFFIX = "attn2.to_v"
 
@@ -26,14 +25,6 @@ _LDM_RE = re.compile(
     r"^(?:(?P<kind>input|output)_blocks\.(?P<idx>\d+)\.1|middle_block\.1)"
     r"\.transformer_blocks\.(?P<tb>\d+)\.attn2\.to_v$"
 )
-
-
-@dataclass(frozen=True)
-class LayerName:
-    """One value layer in both namings."""
-
-    diffusers: str
-    ldm: str
 
 
 def is_value_layer_id(layer_id: str) -> bool:

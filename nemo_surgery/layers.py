@@ -32,11 +32,6 @@ class ValueLayer:
     cols: int
     module: torch.nn.Module = field(compare=False, repr=False, hash=False)
 
-    @property
-    def neurons(self) -> int:
-        """Number of output channels (neurons)."""
-        return self.rows
-
 
 def _order_key(layer_id: str) -> tuple[int, int, int, int]:
     m = _ORDER_RE.match(layer_id)

@@ -2,4 +2,3 @@
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
-LAYER_SETS = ("default", "all")
