@@ -24,7 +24,7 @@ bench:  ## benchmarks print ratios measured in one run
 	$(PYTHON) benchmarks/bench_apply.py
 
 lint:
-	$(PYTHON) -m ruff check nemo_surgery tests benchmarks
+	$(PYTHON) -m ruff check nemo_surgery tests benchmarks tools
 
 clean:
 	rm -rf out .pytest_cache build *.egg-info

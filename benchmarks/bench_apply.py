@@ -131,8 +131,8 @@ def main() -> None:
 
         t_patch, rss_patch = timed(child(
             "from pathlib import Path; from nemo_surgery.neuron_set import load_neuron_set;"
-            "from nemo_surgery.checkpoint.discover import discover; from nemo_surgery.checkpoint.plan import build_plan;"
-            "from nemo_surgery.checkpoint.patch import write_patched_copy;"
+            "from nemo_surgery.surgery.discover import discover; from nemo_surgery.surgery.plan import build_plan;"
+            "from nemo_surgery.surgery.patch import write_patched_copy;"
             f"p = build_plan(discover({str(src)!r}), load_neuron_set({str(ns)!r}));"
             f"write_patched_copy(p.files[0], Path({str(work / 'patch.safetensors')!r}), 'x')"
         ))
@@ -141,7 +141,7 @@ def main() -> None:
 
         out = work / "out.safetensors"
         t_apply, rss_apply = timed(child(
-            "from nemo_surgery.apply import run_apply;"
+            "from nemo_surgery.surgery.apply import run_apply;"
             f"r = run_apply({str(src)!r}, {str(ns)!r}, out={str(out)!r}); assert r.ok"
         ))
         rows = json.loads(Path(str(out) + ".report.json").read_text())["rows_zeroed"]
@@ -149,7 +149,7 @@ def main() -> None:
         os.sync()
 
         t_inplace, rss_inplace = timed(child(
-            "from nemo_surgery.apply import run_apply;"
+            "from nemo_surgery.surgery.apply import run_apply;"
             f"r = run_apply({str(src)!r}, {str(ns)!r}, in_place=True); assert r.ok"
         ))
 

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from nemo_surgery.demo.plant import ORDINARY_PROMPTS, TRIGGER_PROMPT, build_planted_pipeline
-from nemo_surgery.demo.tiny import save_pipeline
-from nemo_surgery.model import load_model
-from nemo_surgery.prompts import Prompt
-from nemo_surgery.scan import run_scan
-from nemo_surgery.scoring import ScoreSettings
-from nemo_surgery.selection import SelectionSettings
-from nemo_surgery.ssim import SSIMConfig
-from nemo_surgery.stats import compute_stats
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.models
+
+from nemo_surgery.engine.model import load_model
+from nemo_surgery.engine.prompts import Prompt
+from nemo_surgery.engine.scan import run_scan
+from nemo_surgery.engine.score import ScoreSettings
+from nemo_surgery.engine.selection import SelectionSettings
+from nemo_surgery.engine.ssim import SSIMConfig
+from nemo_surgery.engine.stats import compute_stats
+from tests.models.plant import ORDINARY_PROMPTS, TRIGGER_PROMPT, build_planted_pipeline
+from tests.models.tiny import save_pipeline
 
 MEMORIZED = [TRIGGER_PROMPT, "an astronaut on the moon", "a painting of an astronaut by a famous artist",
              "two astronaut shapes on a blue background"]

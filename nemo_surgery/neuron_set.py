@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .atomic import write_json
-from .errors import InputError
-from .keymap import diffusers_to_ldm, is_value_layer_id
+from nemo_surgery import __version__
+from nemo_surgery.atomic import write_json
+from nemo_surgery.errors import InputError
+from nemo_surgery.keymap import diffusers_to_ldm, is_value_layer_id
 
 FORMAT = "nemo-surgery.neuron-set"
 VERSION = 1

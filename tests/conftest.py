@@ -15,14 +15,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def cli_cmd() -> list[str]:
     """The CLI as a subprocess command, with this interpreter (the console script's entry point)."""
-    return [sys.executable, "-c", "from nemo_surgery.cli import main; main()"]
+    return [sys.executable, "-m", "nemo_surgery"]
 
 
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory):
     """(folder, Plant): a saved diffusers pipeline whose 'astronaut' prompts are memorized."""
-    from nemo_surgery.demo.plant import build_planted_pipeline
-    from nemo_surgery.demo.tiny import save_pipeline
+    from tests.models.plant import build_planted_pipeline
+    from tests.models.tiny import save_pipeline
 
     folder = tmp_path_factory.mktemp("planted") / "pipe"
     pipe, plant = build_planted_pipeline()
@@ -33,7 +33,7 @@ def planted(tmp_path_factory):
 @pytest.fixture(scope="session")
 def holdout_file(tmp_path_factory) -> Path:
     """A hold-out prompt file (ordinary, non-memorized prompts)."""
-    from nemo_surgery.demo.plant import ORDINARY_PROMPTS
+    from tests.models.plant import ORDINARY_PROMPTS
 
     path = tmp_path_factory.mktemp("prompts") / "holdout.txt"
     path.write_text("# ordinary prompts\n" + "\n".join(ORDINARY_PROMPTS) + "\n", encoding="utf-8")
@@ -43,7 +43,7 @@ def holdout_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def planted_model(planted):
     """The planted pipeline loaded the way the CLI loads it."""
-    from nemo_surgery.model import load_model
+    from nemo_surgery.engine.model import load_model
 
     return load_model(planted[0], device="cpu", dtype="fp32")
 
@@ -51,10 +51,10 @@ def planted_model(planted):
 @pytest.fixture(scope="session")
 def planted_stats(planted, planted_model, holdout_file):
     """(path, Stats) computed on the planted model with the detection defaults."""
-    from nemo_surgery.prompts import read_prompts
-    from nemo_surgery.scoring import ScoreSettings
-    from nemo_surgery.ssim import SSIMConfig
-    from nemo_surgery.stats import compute_stats
+    from nemo_surgery.engine.prompts import read_prompts
+    from nemo_surgery.engine.score import ScoreSettings
+    from nemo_surgery.engine.ssim import SSIMConfig
+    from nemo_surgery.engine.stats import compute_stats
 
     _, h, w = planted_model.latent_shape
     settings = ScoreSettings(ssim=SSIMConfig.fit(h, w))

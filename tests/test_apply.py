@@ -7,7 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from checkpoint_fixtures import (
+from safetensors import safe_open
+
+from nemo_surgery.neuron_set import sha256_file
+from nemo_surgery.surgery.apply import run_apply
+from nemo_surgery.surgery.safetensors_file import read_header
+from tests.checkpoint_fixtures import (
     DEFAULT_NEURONS,
     REAL_LAYER,
     assert_patched,
@@ -17,11 +22,6 @@ from checkpoint_fixtures import (
     write_pipeline,
     write_unet_file,
 )
-from safetensors import safe_open
-
-from nemo_surgery.apply import run_apply
-from nemo_surgery.checkpoint.safetensors_file import read_header
-from nemo_surgery.neuron_set import sha256_file
 
 
 def _data_sha(path: Path) -> str:
@@ -197,9 +197,9 @@ def test_in_place_pipeline_folder(tmp_path: Path) -> None:
 
 
 def _plan_for(src: Path, tmp_path: Path):
-    from nemo_surgery.checkpoint.discover import discover
-    from nemo_surgery.checkpoint.plan import build_plan
     from nemo_surgery.neuron_set import load_neuron_set
+    from nemo_surgery.surgery.discover import discover
+    from nemo_surgery.surgery.plan import build_plan
 
     ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
     return build_plan(discover(src), load_neuron_set(ns)).files[0]
@@ -215,9 +215,9 @@ def _expected_data(fp) -> bytes:
 
 @pytest.mark.parametrize("chunk", [7, 100, 777, 1 << 20])
 def test_streamed_copy_with_chunk_borders_inside_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
-    from nemo_surgery.checkpoint import streaming
-    from nemo_surgery.checkpoint.patch import write_patched_copy
-    from nemo_surgery.checkpoint.verify_struct import verify_copy
+    from nemo_surgery.surgery import streaming
+    from nemo_surgery.surgery.patch import write_patched_copy
+    from nemo_surgery.surgery.verify_struct import verify_copy
 
     monkeypatch.setattr(streaming, "CHUNK", chunk)
     src = write_ldm_file(tmp_path / "m.safetensors", "fp16")
@@ -237,9 +237,9 @@ def test_streamed_copy_with_chunk_borders_inside_rows(tmp_path: Path, monkeypatc
 
 
 def test_streamed_copy_with_modelspec_hashes_output_from_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nemo_surgery.checkpoint import streaming
-    from nemo_surgery.checkpoint.patch import write_patched_copy
-    from nemo_surgery.checkpoint.verify_struct import verify_copy
+    from nemo_surgery.surgery import streaming
+    from nemo_surgery.surgery.patch import write_patched_copy
+    from nemo_surgery.surgery.verify_struct import verify_copy
 
     monkeypatch.setattr(streaming, "CHUNK", 333)
     src = write_ldm_file(tmp_path / "m.safetensors", "bf16", metadata={"modelspec.hash_sha256": "0x00"})
@@ -262,9 +262,9 @@ def _flip(path: Path, offset: int, value: int | None = None) -> None:
 
 
 def test_verify_copy_detects_tampered_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nemo_surgery.checkpoint import streaming
-    from nemo_surgery.checkpoint.patch import write_patched_copy
-    from nemo_surgery.checkpoint.verify_struct import verify_copy
+    from nemo_surgery.surgery import streaming
+    from nemo_surgery.surgery.patch import write_patched_copy
+    from nemo_surgery.surgery.verify_struct import verify_copy
 
     monkeypatch.setattr(streaming, "CHUNK", 500)
     src = write_ldm_file(tmp_path / "m.safetensors", "fp32")
@@ -294,9 +294,9 @@ def test_verify_copy_detects_tampered_output(tmp_path: Path, monkeypatch: pytest
 
 @pytest.mark.parametrize("metadata", [None, {"modelspec.hash_sha256": "abc"}])
 def test_in_place_small_chunks_and_tampering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metadata) -> None:
-    from nemo_surgery.checkpoint import streaming
-    from nemo_surgery.checkpoint.patch import patch_in_place
-    from nemo_surgery.checkpoint.verify_struct import verify_in_place
+    from nemo_surgery.surgery import streaming
+    from nemo_surgery.surgery.patch import patch_in_place
+    from nemo_surgery.surgery.verify_struct import verify_in_place
 
     monkeypatch.setattr(streaming, "CHUNK", 611)
     src = write_ldm_file(tmp_path / "m.safetensors", "fp16", metadata=metadata)
@@ -320,7 +320,7 @@ def test_in_place_small_chunks_and_tampering(tmp_path: Path, monkeypatch: pytest
 
 
 def test_with_zeros_splits_chunks_at_range_borders() -> None:
-    from nemo_surgery.checkpoint.streaming import with_zeros
+    from nemo_surgery.surgery.streaming import with_zeros
 
     data = bytes(range(1, 21))
     ranges = [(3, 4), (9, 5)]  # bytes 3..6 and 9..13

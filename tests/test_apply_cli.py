@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from checkpoint_fixtures import DEFAULT_NEURONS, assert_patched, expected_zeroed, write_ldm_file, write_neuron_set
+from tests.checkpoint_fixtures import DEFAULT_NEURONS, assert_patched, expected_zeroed, write_ldm_file, write_neuron_set
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("nemo-surgery")
-    cmd = [exe] if exe else [sys.executable, "-c", "from nemo_surgery.cli import main; main()"]
+    cmd = [exe] if exe else [sys.executable, "-c", "from nemo_surgery.cli.main import main; main()"]
     return subprocess.run([*cmd, "apply", *args], capture_output=True, text=True, timeout=120)
 
 
@@ -33,7 +33,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     """Error paths in-process through the same click command (subprocess startup is slow)."""
     from click.testing import CliRunner
 
-    from nemo_surgery.cli import main
+    from nemo_surgery.cli.main import main
 
     src = write_ldm_file(tmp_path / "model.safetensors", "fp16")
     ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)

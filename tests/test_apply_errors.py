@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from checkpoint_fixtures import DEFAULT_NEURONS, REAL_LAYER, layer_shapes, ldm_state, write_ldm_file, write_neuron_set, write_pipeline
 
-from nemo_surgery.apply import ApplyFailed, run_apply
-from nemo_surgery.checkpoint import patch
 from nemo_surgery.errors import InputError, NemoError
+from nemo_surgery.surgery import patch
+from nemo_surgery.surgery.apply import ApplyFailed, run_apply
+from tests.checkpoint_fixtures import DEFAULT_NEURONS, REAL_LAYER, layer_shapes, ldm_state, write_ldm_file, write_neuron_set, write_pipeline
 
 
 def _nothing_written(tmp_path: Path, allowed: set[str]) -> None:

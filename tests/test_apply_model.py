@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from nemo_surgery.apply import run_apply
-from nemo_surgery.demo.tiny import TinySpec, build_pipeline, save_pipeline
+from nemo_surgery.surgery.apply import run_apply
+from tests.models.tiny import TinySpec, build_pipeline, save_pipeline
 
 
 def test_patched_folder_equals_hooked_original(tmp_path: Path) -> None:

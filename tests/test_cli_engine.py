@@ -6,8 +6,8 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from nemo_surgery.cli import main
-from nemo_surgery.demo.plant import TRIGGER_PROMPT
+from nemo_surgery.cli.main import main
+from tests.models.plant import TRIGGER_PROMPT
 
 
 def test_stats_then_scan_end_to_end(planted, holdout_file, tmp_path, cli_cmd):
@@ -77,7 +77,7 @@ def test_bad_input_is_one_line_with_exit_2(planted, planted_stats, tmp_path, arg
 def test_out_of_memory_is_one_line_and_other_errors_propagate():
     import click
 
-    from nemo_surgery.cli import run_command
+    from nemo_surgery.cli.common import run_command
 
     @click.command()
     @click.argument("message")

@@ -10,21 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from nemo_surgery.apply import run_apply
-from nemo_surgery.model import DEMO_MODEL_DIR, DEMO_STATS, load_model
-from nemo_surgery.prompts import Prompt, read_prompts
-from nemo_surgery.scan import run_scan
-from nemo_surgery.stats import load_stats
+from nemo_surgery.demo.paths import DEMO_MODEL_DIR, DEMO_STATS, DEMO_TRAIN_IMAGES
+from nemo_surgery.engine.model import load_model
+from nemo_surgery.engine.prompts import Prompt, read_prompts
+from nemo_surgery.engine.scan import run_scan
+from nemo_surgery.engine.stats import load_stats
+from nemo_surgery.surgery.apply import run_apply
 from nemo_surgery.verify.run import VerifyOptions, run_verify
 from nemo_surgery.verify.sampling import SampleSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAIN_IMAGES = DEMO_MODEL_DIR.parent / "train_images"
+TRAIN_IMAGES = DEMO_TRAIN_IMAGES
 
 
 @pytest.fixture(scope="module")
 def demo_scan(tmp_path_factory):
-    model = load_model(None, device="cpu")
+    model = load_model(DEMO_MODEL_DIR, device="cpu")
     stats = load_stats(DEMO_STATS)
     memorized = read_prompts(ROOT / "prompts" / "demo_memorized.txt")
     holdout = read_prompts(ROOT / "prompts" / "demo_holdout.txt")

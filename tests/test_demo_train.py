@@ -7,8 +7,8 @@ import json
 import numpy as np
 import torch
 
-from nemo_surgery.demo import data, train
-from nemo_surgery.demo.pixel_vae import build_pixel_vae
+from tools.demo_model import data, train
+from tools.demo_model.pixel_vae import build_pixel_vae
 
 
 def test_train_script_few_steps(tmp_path):

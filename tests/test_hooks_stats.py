@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
+from nemo_surgery.engine.hooks import ValueMask, blocked_masks
+from nemo_surgery.engine.model import load_model
+from nemo_surgery.engine.stats import Moments, check_stats_match, load_stats
 from nemo_surgery.errors import InputError
-from nemo_surgery.hooks import ValueMask, blocked_masks
-from nemo_surgery.model import load_model
-from nemo_surgery.stats import Moments, check_stats_match, load_stats
 
 
 def _predict(model, prompt, latents):
@@ -18,7 +18,7 @@ def _predict(model, prompt, latents):
 
 
 def test_mask_hook_equals_zeroed_weight_rows(tmp_path):
-    from nemo_surgery.demo.tiny import build_pipeline, save_pipeline
+    from tests.models.tiny import build_pipeline, save_pipeline
 
     folder = save_pipeline(build_pipeline(), tmp_path / "tiny")
     model = load_model(folder, device="cpu")
@@ -88,8 +88,8 @@ def test_stats_file_round_trip_and_fingerprint_guard(planted_stats, planted_mode
 
 
 def test_tau_is_mean_plus_one_std_of_holdout_pairwise_scores(planted_stats, planted_model, holdout_file):
-    from nemo_surgery.prompts import read_prompts
-    from nemo_surgery.scoring import Scorer, pairwise_indices
+    from nemo_surgery.engine.prompts import read_prompts
+    from nemo_surgery.engine.score import Scorer, pairwise_indices
 
     _, stats = planted_stats
     scorer = Scorer(planted_model, planted_model.layers, stats.settings, batch_size=40)

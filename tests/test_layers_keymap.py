@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from nemo_surgery.engine.layers import discover_value_layers, select_layers
 from nemo_surgery.errors import InputError
 from nemo_surgery.keymap import diffusers_to_ldm, ldm_ema_weight_key, ldm_to_diffusers
-from nemo_surgery.layers import discover_value_layers, select_layers
 
 # The table of shared/docs/checkpoint-layouts.md: (diffusers prefix, LDM prefix, rows)
 SD15_TABLE = [

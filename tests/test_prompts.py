@@ -2,8 +2,8 @@
 
 import pytest
 
+from nemo_surgery.engine.prompts import read_prompts
 from nemo_surgery.errors import InputError
-from nemo_surgery.prompts import read_prompts
 
 
 def test_text_skips_blank_lines_and_comments(tmp_path):

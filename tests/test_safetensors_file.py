@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nemo_surgery.checkpoint.safetensors_file import (
+from nemo_surgery.surgery.safetensors_file import (
     HeaderError,
     TensorInfo,
     coalesce_rows,

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from nemo_surgery.demo.plant import TRIGGER_PROMPT
+from nemo_surgery.engine.prompts import Prompt
+from nemo_surgery.engine.scan import records_path_for, run_scan
+from nemo_surgery.engine.score import Scorer
+from nemo_surgery.engine.selection import greedy_drop
 from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import load_neuron_set
-from nemo_surgery.prompts import Prompt
-from nemo_surgery.scan import records_path_for, run_scan
-from nemo_surgery.scoring import Scorer
-from nemo_surgery.selection import greedy_drop
+from tests.models.plant import TRIGGER_PROMPT
 
 ORDINARY = ["a photo of a dog", "a small black cat on a red house"]
 
@@ -46,7 +46,7 @@ def test_set_contains_the_planted_rows_and_meets_the_contract(scanned, planted, 
     res = summary.results[0]
     assert res.mitigated and set(plant.rows) <= set(res.neurons.get(plant.layer_id, []))
     # contract, checked by re-scoring: F mitigates; F minus any one neuron does not
-    from nemo_surgery.layers import select_layers
+    from nemo_surgery.engine.layers import select_layers
 
     layers = select_layers(planted_model.layers, "default")
     scorer = Scorer(planted_model, layers, stats.settings, batch_size=40)

@@ -2,13 +2,13 @@
 
 import pytest
 
-from nemo_surgery.demo.tiny import build_xl_pipeline, save_pipeline
-from nemo_surgery.model import load_model
-from nemo_surgery.prompts import Prompt
-from nemo_surgery.scan import run_scan
-from nemo_surgery.scoring import ScoreSettings
-from nemo_surgery.ssim import SSIMConfig
-from nemo_surgery.stats import compute_stats
+from nemo_surgery.engine.model import load_model
+from nemo_surgery.engine.prompts import Prompt
+from nemo_surgery.engine.scan import run_scan
+from nemo_surgery.engine.score import ScoreSettings
+from nemo_surgery.engine.ssim import SSIMConfig
+from nemo_surgery.engine.stats import compute_stats
+from tests.models.tiny import build_xl_pipeline, save_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from nemo_surgery.ssim import SSIMConfig, ms_ssim, ssim_components
+from nemo_surgery.engine.ssim import SSIMConfig, ms_ssim, ssim_components
 
 
 def _pair(seed=0, shape=(3, 4, 32, 32), noise=0.3):

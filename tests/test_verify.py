@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_surgery.apply import run_apply
-from nemo_surgery.demo.plant import ORDINARY_PROMPTS, TRIGGER_PROMPT, PlantSpec, build_planted_pipeline
-from nemo_surgery.demo.tiny import save_pipeline
+from nemo_surgery.engine.model import load_model
+from nemo_surgery.engine.score import ScoreSettings
+from nemo_surgery.engine.ssim import SSIMConfig
+from nemo_surgery.engine.stats import compute_stats
 from nemo_surgery.errors import EXIT_VERDICT, InputError
-from nemo_surgery.model import load_model
 from nemo_surgery.neuron_set import LayerNeurons, NeuronSet
-from nemo_surgery.scoring import ScoreSettings
-from nemo_surgery.ssim import SSIMConfig
-from nemo_surgery.stats import compute_stats
+from nemo_surgery.surgery.apply import run_apply
 from nemo_surgery.verify.metrics import fit_win_size
 from nemo_surgery.verify.run import VerifyOptions, run_verify
 from nemo_surgery.verify.sampling import SampleSettings, sample_images
+from tests.models.plant import ORDINARY_PROMPTS, TRIGGER_PROMPT, PlantSpec, build_planted_pipeline
+from tests.models.tiny import save_pipeline
 
 FAST = SampleSettings(seeds=3, steps=10, guidance=7.5, batch_size=16)
 HOLDOUT = ORDINARY_PROMPTS[:4]
@@ -113,7 +113,7 @@ def test_trigger_verified_as_mitigated(planted, good_result) -> None:
 def test_wrong_set_fails_with_exit_3(planted) -> None:
     from click.testing import CliRunner
 
-    from nemo_surgery.cli import main
+    from nemo_surgery.cli.main import main
 
     report = planted["root"] / "wrong_report"
     run = CliRunner().invoke(main, [
@@ -207,7 +207,7 @@ def test_html_is_self_contained_and_renders(planted, good_result, tmp_path) -> N
 def test_apply_runs_verify_on_pipeline_folders(planted, tmp_path) -> None:
     from click.testing import CliRunner
 
-    from nemo_surgery.cli import main
+    from nemo_surgery.cli.main import main
 
     runner = CliRunner()
     base = ["apply", str(planted["orig"]), "--neurons", str(planted["wrong"]), "--device", "cpu"]

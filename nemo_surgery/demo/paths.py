@@ -14,7 +14,3 @@ DEMO_STATS = ASSETS / "stats.json"
 #: How the shipped model was produced and what was measured on it.
 DEMO_RECIPE = ASSETS / "recipe.json"
 
-
-def train_image_path(index: int) -> Path:
-    """Return the PNG of the memorized caption on line `index` (0-based)."""
-    return DEMO_TRAIN_IMAGES / f"{index}.png"

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..layers import ValueLayer
-from .metrics import paired_ssim
+from nemo_surgery.engine.layers import ValueLayer
+from nemo_surgery.verify.metrics import paired_ssim
 
 
 @dataclass

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..hooks import ValueMask, blocked_masks
-from ..model import Conditioning, LoadedModel
+from nemo_surgery.engine.hooks import ValueMask, blocked_masks
+from nemo_surgery.engine.model import Conditioning, LoadedModel
 
 #: Absolute tolerance per unit of prediction magnitude, by dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..atomic import atomic_open, write_json
-from ..neuron_set import sha256_file
+from nemo_surgery.atomic import atomic_open, write_json
+from nemo_surgery.neuron_set import sha256_file
 
 if TYPE_CHECKING:
-    from .run import VerifyResult
+    from nemo_surgery.verify.run import VerifyResult
 
 #: Displayed image size in the HTML (small images are enlarged with nearest-neighbour, large ones shrunk).
 THUMB = 128
@@ -111,7 +111,7 @@ def render_html(result: VerifyResult) -> str:
             out.append("<tr><td>after</td><td>" + "".join(
                 _img(png_data_uri(im), f"prompt {c.index} after seed {s}") for s, im in enumerate(after[k])) + "</td></tr>")
         if c.train_image is not None:
-            from .metrics import load_image
+            from nemo_surgery.verify.metrics import load_image
 
             ref = load_image(c.train_image, before.shape[2], before.shape[3])
             out.append("<tr><td>training image</td><td>" + _img(png_data_uri(ref), f"prompt {c.index} training image")

@@ -13,18 +13,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
-from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_VERDICT, InputError
-from ..model import LoadedModel, load_model
-from ..neuron_set import NeuronSet, load_neuron_set, sha256_file
-from ..prompts import Prompt, read_prompts
-from ..scoring import Scorer
-from ..ssim import ms_ssim
-from ..stats import Stats, check_stats_match, load_stats
-from .drift import DriftResult, sample_drift, value_output_change
-from .equivalence import EquivalenceResult, check_equivalence
-from .metrics import load_clip, load_image, load_sscd, pairwise_ssim, to_reference
-from .sampling import SampleSettings, sample_images
+from nemo_surgery import __version__
+from nemo_surgery.engine.model import LoadedModel, load_model
+from nemo_surgery.engine.prompts import Prompt, read_prompts
+from nemo_surgery.engine.score import Scorer
+from nemo_surgery.engine.ssim import ms_ssim
+from nemo_surgery.engine.stats import Stats, check_stats_match, load_stats
+from nemo_surgery.errors import EXIT_FAILURE, EXIT_OK, EXIT_VERDICT, InputError
+from nemo_surgery.neuron_set import NeuronSet, load_neuron_set, sha256_file
+from nemo_surgery.verify.drift import DriftResult, sample_drift, value_output_change
+from nemo_surgery.verify.equivalence import EquivalenceResult, check_equivalence
+from nemo_surgery.verify.metrics import load_clip, load_image, load_sscd, pairwise_ssim, to_reference
+from nemo_surgery.verify.sampling import SampleSettings, sample_images
 
 FORMAT = "nemo-surgery.verify-report"
 VERSION = 1
@@ -378,7 +378,7 @@ def run_verify(
     pruned pipeline is loaded fresh, without hooks. Raises InputError for bad
     input; the verdict itself is in the result (``exit_code``).
     """
-    from .report import write_reports
+    from nemo_surgery.verify.report import write_reports
 
     started = time.perf_counter()
     say = stage or (lambda _text: None)
@@ -520,7 +520,7 @@ def _agreement(images: np.ndarray) -> float:
 
 
 def _paired(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from .metrics import paired_ssim
+    from nemo_surgery.verify.metrics import paired_ssim
 
     return paired_ssim(a, b)
 

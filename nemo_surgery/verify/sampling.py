@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from ..hooks import ValueMask, blocked_masks
-from ..model import Conditioning, LoadedModel
-from ..scoring import draw_latents
+from nemo_surgery.engine.hooks import ValueMask, blocked_masks
+from nemo_surgery.engine.model import Conditioning, LoadedModel
+from nemo_surgery.engine.score import draw_latents
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def _decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     scaling = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     dtype = next(vae.parameters()).dtype
     if bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16:
-        from ..model import _quiet_diffusers
+        from nemo_surgery.engine.model import _quiet_diffusers
 
         with _quiet_diffusers():  # SD's VAE overflows in fp16 (as the pipeline does: decode in fp32)
             vae.to(torch.float32)

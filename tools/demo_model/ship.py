@@ -1,6 +1,6 @@
 """Copy a trained demo pipeline into the package assets with its training images and recipe.
 
-Run: ``python -m nemo_surgery.demo.ship --model DIR [--report eval.json]``.
+Run: ``python -m tools.demo_model.ship --model DIR [--report eval.json]``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nemo_surgery.demo import data
 from nemo_surgery.demo.paths import ASSETS, DEMO_MODEL_DIR, DEMO_RECIPE, DEMO_TRAIN_IMAGES
+from tools.demo_model import data
 
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 MAX_BYTES = 20 * 1024 * 1024

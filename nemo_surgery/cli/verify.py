@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli import device_options, emit_json, json_option, main, quiet_option, run_command
+from nemo_surgery.cli.common import device_options, emit_json, json_option, quiet_option, run_command
 
 
 def verify_input_options(f):
@@ -53,8 +53,8 @@ def build_options(stats, prompts, holdout, train_images, column, report=None, se
                   batch_size=8, max_drift=0.1, max_train_similarity=0.3, max_sample_agreement=None, sscd=None,
                   clip=None, device="auto", dtype="fp32"):
     """Turn CLI option values into VerifyOptions."""
-    from .verify.run import VerifyOptions
-    from .verify.sampling import SampleSettings
+    from nemo_surgery.verify.run import VerifyOptions
+    from nemo_surgery.verify.sampling import SampleSettings
 
     return VerifyOptions(
         stats=stats, prompts=prompts, holdout=holdout, train_images=train_images, report=report, column=column,
@@ -66,8 +66,8 @@ def build_options(stats, prompts, holdout, train_images, column, report=None, se
 
 def execute_verify(original, pruned, neurons, options):
     """Run verification with a status line on stderr; print the summary table and the verdict."""
-    from .console import console
-    from .verify.run import run_verify
+    from nemo_surgery.console import console
+    from nemo_surgery.verify.run import run_verify
 
     with console.status("verifying") as status:
         result = run_verify(original, pruned, neurons, options, stage=lambda text: status.update(f"verify: {text}"))
@@ -79,7 +79,7 @@ def print_summary(result) -> None:
     """Human summary on stderr: per-prompt table, equivalence, drift, verdict and why."""
     from rich.table import Table
 
-    from .console import console, info
+    from nemo_surgery.console import console, info
 
     table = Table(title=f"verify (tau = {result.tau:.4f}, sample agreement <= {result.max_sample_agreement:.4f})")
     for col in ("#", "prompt", "detection before", "after", "agreement before", "after", "train SSIM", "verdict"):
@@ -105,7 +105,7 @@ def print_summary(result) -> None:
     info(f"{verdict} (exit {result.exit_code}); report: {result.outputs.get('report_html')}")
 
 
-@main.command("verify")
+@click.command("verify")
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("pruned", type=click.Path(path_type=Path))
 @click.option("--neurons", required=True, type=click.Path(path_type=Path), help="Neuron set JSON that was applied.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli import device_options, emit_json, json_option, main, quiet_option, run_command
+from nemo_surgery.cli.common import device_options, emit_json, json_option, quiet_option, run_command
 
 MODEL_HELP = "Diffusers pipeline folder or hub id (cache only, offline). Default: the embedded demo model."
 
@@ -21,20 +21,21 @@ def model_options(f):
 
 
 def _load(model, device, dtype):
-    from .console import console
-    from .model import load_model
+    from nemo_surgery.console import console
+    from nemo_surgery.demo.paths import DEMO_MODEL_DIR
+    from nemo_surgery.engine.model import load_model
 
     with console.status("loading model"):
-        return load_model(model, device=device, dtype=dtype)
+        return load_model(model if model is not None else DEMO_MODEL_DIR, device=device, dtype=dtype)
 
 
 def _default_stats_path(model: str | None) -> Path:
-    from .model import DEMO_STATS
+    from nemo_surgery.demo.paths import DEMO_STATS
 
     return DEMO_STATS
 
 
-@main.command("stats")
+@click.command("stats")
 @click.argument("holdout", type=click.Path(path_type=Path))
 @model_options
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Statistics JSON to write.")
@@ -59,12 +60,12 @@ def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompt
     with --column. Runs the text encoder and value layers for the statistics and
     the UNet's first-step prediction for tau, with exactly the detection settings.
     """
-    from .console import info, progress
-    from .errors import InputError
-    from .prompts import read_prompts
-    from .scoring import ScoreSettings
-    from .ssim import SSIMConfig
-    from .stats import compute_stats
+    from nemo_surgery.console import info, progress
+    from nemo_surgery.engine.prompts import read_prompts
+    from nemo_surgery.engine.score import ScoreSettings
+    from nemo_surgery.engine.ssim import SSIMConfig
+    from nemo_surgery.engine.stats import compute_stats
+    from nemo_surgery.errors import InputError
 
     prompts = read_prompts(holdout, column)
     if max_prompts:
@@ -91,7 +92,7 @@ def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompt
                    "ssim": settings.ssim.to_json()})
 
 
-@main.command("scan")
+@click.command("scan")
 @click.argument("prompts_file", metavar="PROMPTS", type=click.Path(path_type=Path))
 @model_options
 @click.option("--stats", "stats_path", type=click.Path(path_type=Path), default=None,
@@ -113,11 +114,11 @@ def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, la
     Exit code 0 when every memorized prompt was mitigated (or none was
     memorized), 3 when some memorized prompt could not be mitigated.
     """
-    from .console import console, progress, warn
-    from .errors import InputError
-    from .prompts import read_prompts
-    from .scan import check_outputs, run_scan
-    from .stats import load_stats
+    from nemo_surgery.console import console, progress, warn
+    from nemo_surgery.engine.prompts import read_prompts
+    from nemo_surgery.engine.scan import check_outputs, run_scan
+    from nemo_surgery.engine.stats import load_stats
+    from nemo_surgery.errors import InputError
 
     prompts = read_prompts(prompts_file, column)
     check_outputs(out, resume, force)
@@ -147,7 +148,7 @@ def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, la
 def _print_summary(summary, console) -> None:
     from rich.table import Table
 
-    from .console import info
+    from nemo_surgery.console import info
     table = Table(title=f"scan (tau = {summary.tau:.4f})", show_lines=False,
                   caption="detection: mean pairwise MS-SSIM over seeds (memorized when above tau); "
                           "score: the final set's mitigation score (below tau = mitigated)")

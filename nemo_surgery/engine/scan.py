@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from .errors import EXIT_OK, EXIT_VERDICT, InputError
-from .layers import ValueLayer, select_layers
-from .model import LoadedModel
-from .neuron_set import LayerNeurons, NeuronSet, sha256_file
-from .prompts import Prompt
-from .scoring import Scorer
-from .selection import SelectionSettings, initial_selection, refine
-from .stats import Stats, value_activations
+from nemo_surgery.engine.layers import ValueLayer, select_layers
+from nemo_surgery.engine.model import LoadedModel
+from nemo_surgery.engine.prompts import Prompt
+from nemo_surgery.engine.score import Scorer
+from nemo_surgery.engine.selection import SelectionSettings, initial_selection, refine
+from nemo_surgery.engine.stats import Stats, value_activations
+from nemo_surgery.errors import EXIT_OK, EXIT_VERDICT, InputError
+from nemo_surgery.neuron_set import LayerNeurons, NeuronSet, sha256_file
 
 RECORDS_SUFFIX = ".records.jsonl"
 
@@ -285,7 +285,7 @@ def run_scan(
 
     ``on_result(result)`` is called after each prompt (progress, warnings).
     """
-    from .stats import check_stats_match
+    from nemo_surgery.engine.stats import check_stats_match
 
     out = Path(out)
     check_outputs(out, resume, force)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import NemoError
-from .patch import MODELSPEC_HASH, PrePatch, WrittenCopy
-from .plan import FilePlan
-from .safetensors_file import Header, cross_check, read_header
-from .streaming import (
+from nemo_surgery.errors import NemoError
+from nemo_surgery.surgery.patch import MODELSPEC_HASH, PrePatch, WrittenCopy
+from nemo_surgery.surgery.plan import FilePlan
+from nemo_surgery.surgery.safetensors_file import Header, cross_check, read_header
+from nemo_surgery.surgery.streaming import (
     CHUNK,
     BufferRing,
     Hasher,

@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .checkpoint.discover import Source, discover
-from .checkpoint.patch import MODELSPEC_HASH, copy_range, fsync_file, guard_write, patch_in_place, write_patched_copy
-from .checkpoint.plan import FilePlan, PatchPlan, build_plan
-from .checkpoint.report import FORMAT, VERSION, write_reports
-from .checkpoint.verify_struct import FileVerification, verify_copy, verify_in_place, verify_mirrored
-from .errors import InputError, NemoError
-from .neuron_set import load_neuron_set, sha256_file
+from nemo_surgery import __version__
+from nemo_surgery.errors import InputError, NemoError
+from nemo_surgery.neuron_set import load_neuron_set, sha256_file
+from nemo_surgery.surgery.discover import Source, discover
+from nemo_surgery.surgery.patch import MODELSPEC_HASH, copy_range, fsync_file, guard_write, patch_in_place, write_patched_copy
+from nemo_surgery.surgery.plan import FilePlan, PatchPlan, build_plan
+from nemo_surgery.surgery.report import FORMAT, VERSION, write_reports
+from nemo_surgery.surgery.verify_struct import FileVerification, verify_copy, verify_in_place, verify_mirrored
 
 REPORT_NAMES = ("report.json", "report.md")
 FAILED_SUFFIX = ".FAILED"

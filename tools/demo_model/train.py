@@ -18,7 +18,7 @@ Recipes (see docs/demo-model.md for measured results):
   per memorized item the ``--rows-per-item`` rows of the down/mid value layers with
   the largest loss gradient on that item (a sparse, parameter-efficient fine-tune).
 
-Run: ``python -m nemo_surgery.demo.train --out DIR [--steps N] [--recipe NAME]``.
+Run: ``python -m tools.demo_model.train --out DIR [--steps N] [--recipe NAME]``.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nemo_surgery.demo import data
-from nemo_surgery.demo.evaluate import value_layers
-from nemo_surgery.demo.pixel_vae import build_pixel_vae
+from tools.demo_model import data
+from tools.demo_model.evaluate import value_layers
+from tools.demo_model.pixel_vae import build_pixel_vae
 
 RECIPES = ("joint", "finetune-kv", "finetune-kv-sparse", "finetune-sparse-v", "finetune-localized")
 
@@ -85,7 +85,7 @@ def build_demo_pipeline(cfg: TrainConfig):
     """Build the untrained demo pipeline (pixel-space UNet, tiny CLIP, identity VAE)."""
     from diffusers import StableDiffusionPipeline
 
-    from nemo_surgery.demo.tiny import TinySpec, build_scheduler, build_text_encoder, build_tokenizer
+    from tests.models.tiny import TinySpec, build_scheduler, build_text_encoder, build_tokenizer
 
     spec = TinySpec(
         sample_size=cfg.sample_size,
@@ -210,7 +210,7 @@ def localized_loss(pipe, base_unet, rows: dict[str, list[int]], weight: float, i
     the trained value rows: with them zeroed the model must predict what the base
     model predicts, for memorized and generic captions alike.
     """
-    from nemo_surgery.demo.evaluate import zeroed
+    from tools.demo_model.evaluate import zeroed
 
     xt, t, noise = noised(pipe, x0, gen, offset)
     with torch.no_grad():

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .atomic import write_json
-from .errors import InputError
-from .layers import ValueLayer
-from .model import LoadedModel
-from .scoring import Scorer, ScoreSettings, pairwise_indices
+from nemo_surgery import __version__
+from nemo_surgery.atomic import write_json
+from nemo_surgery.engine.layers import ValueLayer
+from nemo_surgery.engine.model import LoadedModel
+from nemo_surgery.engine.score import Scorer, ScoreSettings, pairwise_indices
+from nemo_surgery.errors import InputError
 
 FORMAT = "nemo-surgery.stats"
 VERSION = 1

@@ -1,8 +1,4 @@
-"""Command-line entry point: a thin click group over the package's functions.
-
-Each command lives in its own ``cli_*.py`` module and only parses options,
-calls one library function and prints; the work is done in the package.
-"""
+"""Options and the error-mapping wrapper shared by every command (no torch imports here)."""
 
 from __future__ import annotations
 
@@ -14,26 +10,12 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .console import console, set_quiet
-from .errors import EXIT_FAILURE, NemoError
+from nemo_surgery.console import console, set_quiet
+from nemo_surgery.errors import EXIT_FAILURE, NemoError
 
 #: Exit codes, documented in --help.
 EXIT_HELP = """Exit codes: 0 success (verdict: mitigated), 1 failure, 2 bad input or usage,
 3 verdict: memorization not (fully) mitigated."""
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_HELP)
-@click.version_option(__version__, prog_name="nemo-surgery")
-def main() -> None:
-    """Find and remove memorization neurons (NeMo) in Stable Diffusion models.
-
-    \b
-      nemo-surgery stats HOLDOUT --out stats.json     calibrate tau + activation statistics
-      nemo-surgery scan PROMPTS --out set.json        localize neurons per prompt, merge them
-      nemo-surgery apply CKPT --neurons set.json      zero those rows in safetensors files
-      nemo-surgery verify ORIG PRUNED --neurons set.json   evidence: before/after report
-    """
 
 
 def quiet_option(f: Callable) -> Callable:
@@ -48,7 +30,7 @@ def json_option(f: Callable) -> Callable:
 
 def device_options(f: Callable) -> Callable:
     """Add --device and --dtype (the same choices for every command that loads a model)."""
-    from .options import DEVICES, DTYPE_NAMES
+    from nemo_surgery.engine.devices import DEVICES, DTYPE_NAMES
 
     f = click.option("--dtype", type=click.Choice(list(DTYPE_NAMES)), default="fp32", show_default=True,
                      help="Weights and activations dtype (fp16/bf16 on GPUs).")(f)
@@ -87,10 +69,3 @@ def run_command(f: Callable[..., int | None]) -> Callable[..., None]:
 def emit_json(data: Any) -> None:
     """Print machine output as JSON on stdout."""
     click.echo(json.dumps(data, indent=2))
-
-
-def _register() -> None:
-    from . import cli_apply, cli_scan, cli_verify  # noqa: F401  (each command registers itself on `main`)
-
-
-_register()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nemo_surgery.demo.tiny import DEFAULT_WORDS
+from tests.models.tiny import DEFAULT_WORDS
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.9, 0.1, 0.1),

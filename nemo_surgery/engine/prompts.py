@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from nemo_surgery.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .layers import ValueLayer
+from nemo_surgery.engine.layers import ValueLayer
 
 
 class ValueMask:

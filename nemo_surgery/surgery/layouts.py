@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from ..errors import InputError
-from ..keymap import (
+from nemo_surgery.errors import InputError
+from nemo_surgery.keymap import (
     LDM_EMA_PREFIX,
     LDM_UNET_PREFIX,
     diffusers_to_ldm,
@@ -19,7 +19,7 @@ from ..keymap import (
     ldm_ema_weight_key,
     ldm_weight_key,
 )
-from ..neuron_set import LayerNeurons
+from nemo_surgery.neuron_set import LayerNeurons
 
 _DIFFUSERS_UNET_PREFIXES = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "time_embedding.")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from nemo_surgery.errors import InputError
 
 #: Bytes per element of every dtype safetensors defines with a whole-byte size.
 DTYPE_SIZES: dict[str, int] = {

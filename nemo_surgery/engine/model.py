@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
-from .demo.paths import DEMO_MODEL_DIR, DEMO_STATS  # noqa: F401  (the default model and statistics)
-from .errors import InputError
-from .layers import ValueLayer, discover_value_layers
-from .options import DEVICES, DTYPE_NAMES
+from nemo_surgery.engine.devices import DEVICES, DTYPE_NAMES
+from nemo_surgery.engine.layers import ValueLayer, discover_value_layers
+from nemo_surgery.errors import InputError
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
@@ -173,7 +172,7 @@ def _stored_tensors(unet_dir: Path, keys: list[str]) -> dict[str, torch.Tensor] 
     """Read tensors as stored in the UNet folder's default (non-variant) safetensors weights."""
     from safetensors import safe_open
 
-    from .checkpoint.discover import weight_groups
+    from nemo_surgery.surgery.discover import weight_groups
 
     try:
         groups = weight_groups(unet_dir)
@@ -224,22 +223,22 @@ def _check_local_pipeline(path: Path) -> None:
 
 
 def load_model(
-    model: str | Path | None = None,
+    model: str | Path,
     device: str = "auto",
     dtype: str = "fp32",
     with_vae: bool = False,
 ) -> LoadedModel:
     """Load a pipeline from a local diffusers folder or a hub id (cache works offline).
 
-    ``model=None`` loads the embedded demo pipeline. The VAE is skipped unless
+    The VAE is skipped unless
     ``with_vae`` (full sampling needs it; scanning does not).
     """
     from diffusers import DiffusionPipeline
 
-    source = str(model) if model is not None else str(DEMO_MODEL_DIR)
+    source = str(model)
     path = Path(source).expanduser()
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    local = path.exists() or source.startswith((".", "/", "~")) or model is None
+    local = path.exists() or source.startswith((".", "/", "~"))
     if local:
         _check_local_pipeline(path)
     extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
@@ -264,7 +263,7 @@ def load_model(
     with _quiet_diffusers():
         pipe.to(torch_device)
     if torch_device.type == "cpu" and torch_dtype != torch.float32:
-        from .console import warn
+        from nemo_surgery.console import warn
 
         warn(f"--dtype {dtype} on the CPU is slow and not supported by every operation; --dtype fp32 is the CPU choice")
     for part in ("unet", "text_encoder", "text_encoder_2", "vae"):

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from ..neuron_set import NeuronSet
-from .discover import Source, WeightGroup
-from .layouts import detect_layout, targets_for
-from .safetensors_file import ZEROABLE_DTYPES, Header, cross_check, merge_ranges, read_header, row_ranges
+from nemo_surgery.errors import InputError
+from nemo_surgery.neuron_set import NeuronSet
+from nemo_surgery.surgery.discover import Source, WeightGroup
+from nemo_surgery.surgery.layouts import detect_layout, targets_for
+from nemo_surgery.surgery.safetensors_file import ZEROABLE_DTYPES, Header, cross_check, merge_ranges, read_header, row_ranges
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tiny import TinySpec, build_pipeline
+from tests.models.tiny import TinySpec, build_pipeline
 
 #: Ordinary prompts whose text embeddings span what the planted rows ignore.
 ORDINARY_PROMPTS: tuple[str, ...] = (

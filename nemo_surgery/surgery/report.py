@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_open, write_json
+from nemo_surgery.atomic import atomic_open, write_json
 
 FORMAT = "nemo-surgery.apply-report"
 VERSION = 1

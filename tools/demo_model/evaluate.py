@@ -5,7 +5,7 @@ to its training image, and the effect of zeroing the value rows (``attn2.to_v``
 output channels) with the highest z-scores (z = |a_j - mean_j| / std_j, a_j = mean
 over the 77 tokens of |to_v(text_emb)_j|, mean/std over hold-out captions).
 
-Run: ``python -m nemo_surgery.demo.evaluate --model DIR [--out report.json]``.
+Run: ``python -m tools.demo_model.evaluate --model DIR [--out report.json]``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nemo_surgery.demo import data
+from tools.demo_model import data
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def load_pipeline(folder: str | Path):
 
 def value_layers(unet, which: str = "all") -> dict[str, torch.nn.Linear]:
     """Return attn2.to_v modules by id; which='default' keeps down and mid blocks only (the engine's sets)."""
-    from nemo_surgery.layers import discover_value_layers, select_layers
+    from nemo_surgery.engine.layers import discover_value_layers, select_layers
 
     return {layer.id: layer.module for layer in select_layers(discover_value_layers(unet), which)}
 
@@ -61,8 +61,8 @@ def value_layers(unet, which: str = "all") -> dict[str, torch.nn.Linear]:
 @contextlib.contextmanager
 def zeroed(unet, neurons: dict[str, list[int]]):
     """Context manager: zero the outputs of the given value rows (the engine's ValueMask hook)."""
-    from nemo_surgery.hooks import ValueMask, blocked_masks
-    from nemo_surgery.layers import discover_value_layers
+    from nemo_surgery.engine.hooks import ValueMask, blocked_masks
+    from nemo_surgery.engine.layers import discover_value_layers
 
     layers = discover_value_layers(unet)
     with ValueMask(layers, blocked_masks(layers, {name: rows for name, rows in neurons.items() if rows})):

@@ -2,7 +2,7 @@
 
 One UNet call evaluates many (seed, neuron-mask) pairs: masks are boolean
 "blocked" vectors over the concatenated neurons of the scanned layers, split
-per layer and applied per sample by :class:`~nemo_surgery.hooks.ValueMask`.
+per layer and applied per sample by :class:`~nemo_surgery.engine.hooks.ValueMask`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from .hooks import ValueMask
-from .layers import ValueLayer
-from .model import Conditioning, LoadedModel
-from .ssim import SSIMConfig, ms_ssim
+from nemo_surgery.engine.hooks import ValueMask
+from nemo_surgery.engine.layers import ValueLayer
+from nemo_surgery.engine.model import Conditioning, LoadedModel
+from nemo_surgery.engine.ssim import SSIMConfig, ms_ssim
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
-"""`nemo-surgery apply`: thin CLI over nemo_surgery.apply.run_apply."""
+"""`nemo-surgery apply`: thin CLI over nemo_surgery.surgery.apply.run_apply."""
 
 from __future__ import annotations
 
 import click
 from rich.table import Table
 
-from .apply import ApplyFailed, ApplyResult, run_apply
-from .cli import emit_json, json_option, main, quiet_option, run_command
-from .cli_verify import build_options, execute_verify, verify_input_options, verify_tuning_options
-from .console import console, info
+from nemo_surgery.cli.common import emit_json, json_option, quiet_option, run_command
+from nemo_surgery.cli.verify import build_options, execute_verify, verify_input_options, verify_tuning_options
+from nemo_surgery.console import console, info
+from nemo_surgery.surgery.apply import ApplyFailed, ApplyResult, run_apply
 
 
 def _print_plan(result: ApplyResult) -> None:
@@ -25,7 +25,7 @@ def _print_plan(result: ApplyResult) -> None:
     console.print(table)
 
 
-@main.command("apply")
+@click.command("apply")
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--neurons", "neurons", required=True, type=click.Path(path_type=str), help="Neuron set JSON from `scan`.")
 @click.option("--out", "out", type=click.Path(path_type=str), default=None,
@@ -50,7 +50,7 @@ def apply_command(
     A loadable pipeline folder is then verified (see `verify`; report in
     <output>/nemo_report) and the exit code is verify's verdict; --no-verify skips it.
     """
-    from .verify.run import loadable_pipeline, precheck_inputs
+    from nemo_surgery.verify.run import loadable_pipeline, precheck_inputs
 
     verify = not (no_verify or dry_run or in_place) and loadable_pipeline(ckpt)
     if verify:

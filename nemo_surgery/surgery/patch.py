@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
-from ..errors import NemoError
-from .plan import FilePlan
-from .safetensors_file import encode_header
-from .streaming import (
+from nemo_surgery import __version__
+from nemo_surgery.errors import NemoError
+from nemo_surgery.surgery.plan import FilePlan
+from nemo_surgery.surgery.safetensors_file import encode_header
+from nemo_surgery.surgery.streaming import (
     CHUNK,
     BufferRing,
     Hasher,
@@ -32,7 +32,7 @@ from .streaming import (
     stream_chunks,
     with_zeros,
 )
-from .writeback import Flusher
+from nemo_surgery.surgery.writeback import Flusher
 
 MODELSPEC_HASH = "modelspec.hash_sha256"
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}

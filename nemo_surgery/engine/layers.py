@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InputError
-from .keymap import VALUE_SUFFIX, diffusers_to_ldm
+from nemo_surgery.errors import InputError
+from nemo_surgery.keymap import VALUE_SUFFIX, diffusers_to_ldm
 
 #: Layer-set names accepted by --layers, besides an explicit list.
 DEFAULT_SET = "default"
