@@ -26,7 +26,6 @@ to apply a set; the rest is provenance. Layers with no neuron may be omitted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from nemo_surgery import __version__
 from nemo_surgery.atomic import write_json
 from nemo_surgery.errors import InputError
 from nemo_surgery.keymap import diffusers_to_ldm, is_value_layer_id
+from nemo_surgery.provenance import check_envelope, envelope
 
 FORMAT = "nemo-surgery.neuron-set"
 VERSION = 1
@@ -90,8 +90,7 @@ class NeuronSet:
     def to_json(self) -> dict[str, Any]:
         """Return the versioned JSON document."""
         return {
-            "format": FORMAT,
-            "version": VERSION,
+            **envelope(FORMAT, VERSION),
             "tool_version": self.tool_version,
             "model": {"fingerprint": self.fingerprint, "source": self.source},
             "settings": self.settings,
@@ -105,26 +104,13 @@ class NeuronSet:
         return write_json(path, self.to_json())
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Return the hex SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fail(path: Path, what: str) -> InputError:
     return InputError(f"{path}: not a valid neuron set ({what}); produce one with `nemo-surgery scan`")
 
 
 def parse_neuron_set(doc: Any, path: Path = Path("<neuron set>")) -> NeuronSet:
     """Validate a decoded JSON document and return the NeuronSet it describes."""
-    if not isinstance(doc, dict):
-        raise _fail(path, "top level is not an object")
-    version = doc.get("version")
-    if version != VERSION:
-        raise _fail(path, f"unsupported version {version!r}, expected {VERSION}")
+    check_envelope(doc, FORMAT, VERSION, path, "produce one with `nemo-surgery scan`")
     layers_doc = doc.get("layers")
     if not isinstance(layers_doc, list):
         raise _fail(path, "'layers' must be a list")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from nemo_surgery.neuron_set import sha256_file
+from nemo_surgery.provenance import sha256_file
 from nemo_surgery.surgery.apply import run_apply
 from nemo_surgery.surgery.safetensors_file import read_header
 from tests.checkpoint_fixtures import (

@@ -23,7 +23,8 @@ from nemo_surgery.engine.score import Scorer
 from nemo_surgery.engine.selection import SelectionSettings, initial_selection, refine
 from nemo_surgery.engine.stats import Stats, value_activations
 from nemo_surgery.errors import EXIT_OK, EXIT_VERDICT, InputError
-from nemo_surgery.neuron_set import LayerNeurons, NeuronSet, sha256_file
+from nemo_surgery.neuron_set import LayerNeurons, NeuronSet
+from nemo_surgery.provenance import sha256_file
 
 RECORDS_SUFFIX = ".records.jsonl"
 

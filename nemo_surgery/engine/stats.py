@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from nemo_surgery import __version__
 from nemo_surgery.atomic import write_json
 from nemo_surgery.engine.layers import ValueLayer
 from nemo_surgery.engine.model import LoadedModel
 from nemo_surgery.engine.score import Scorer, ScoreSettings, pairwise_indices
 from nemo_surgery.errors import InputError
+from nemo_surgery.provenance import check_envelope, envelope
 
 FORMAT = "nemo-surgery.stats"
 VERSION = 1
@@ -134,9 +134,7 @@ class Stats:
     def to_json(self) -> dict[str, Any]:
         """Return the versioned JSON document."""
         return {
-            "format": FORMAT,
-            "version": VERSION,
-            "tool_version": __version__,
+            **envelope(FORMAT, VERSION),
             "model": {"fingerprint": self.fingerprint, "source": self.source, "dtype": self.dtype},
             "settings": self.settings.to_json(),
             "prompt_count": self.prompt_count,
@@ -173,8 +171,10 @@ def load_stats(path: str | Path) -> Stats:
         raise InputError(f"{path}: statistics file not found; compute it with `nemo-surgery stats HOLDOUT --out {path}`")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-            raise ValueError(f"format {doc.get('format')!r} version {doc.get('version')!r}")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable statistics ({exc}); recompute them with `nemo-surgery stats`") from None
+    check_envelope(doc, FORMAT, VERSION, path, "recompute it with `nemo-surgery stats`")
+    try:
         pw = doc["pairwise"]
         layers = {
             entry["id"]: LayerStats(

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemo_surgery import __version__
 from nemo_surgery.errors import InputError, NemoError
-from nemo_surgery.neuron_set import load_neuron_set, sha256_file
+from nemo_surgery.neuron_set import load_neuron_set
+from nemo_surgery.provenance import envelope, sha256_file
 from nemo_surgery.surgery.discover import Source, discover
 from nemo_surgery.surgery.patch import MODELSPEC_HASH, copy_range, fsync_file, guard_write, patch_in_place, write_patched_copy
 from nemo_surgery.surgery.plan import FilePlan, PatchPlan, build_plan
@@ -102,9 +102,7 @@ class ApplyResult:
     def to_json(self) -> dict[str, Any]:
         """The versioned report document (also the --json summary)."""
         return {
-            "format": FORMAT,
-            "version": VERSION,
-            "tool_version": __version__,
+            **envelope(FORMAT, VERSION),
             "ok": self.ok,
             "dry_run": self.dry_run,
             "in_place": self.in_place,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nemo_surgery.atomic import atomic_open, write_json
-from nemo_surgery.neuron_set import sha256_file
+from nemo_surgery.provenance import sha256_file
 
 if TYPE_CHECKING:
     from nemo_surgery.verify.run import VerifyResult

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,14 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from nemo_surgery import __version__
 from nemo_surgery.engine.model import LoadedModel, load_model
 from nemo_surgery.engine.prompts import Prompt, read_prompts
 from nemo_surgery.engine.score import Scorer
 from nemo_surgery.engine.ssim import ms_ssim
 from nemo_surgery.engine.stats import Stats, check_stats_match, load_stats
 from nemo_surgery.errors import EXIT_FAILURE, EXIT_OK, EXIT_VERDICT, InputError
-from nemo_surgery.neuron_set import NeuronSet, load_neuron_set, sha256_file
+from nemo_surgery.neuron_set import NeuronSet, load_neuron_set
+from nemo_surgery.provenance import envelope, library_versions, sha256_file
 from nemo_surgery.verify.drift import DriftResult, sample_drift, value_output_change
 from nemo_surgery.verify.equivalence import EquivalenceResult, check_equivalence
 from nemo_surgery.verify.metrics import load_clip, load_image, load_sscd, pairwise_ssim, to_reference
@@ -177,9 +176,7 @@ class VerifyResult:
     def to_json(self) -> dict[str, Any]:
         """The full versioned report document."""
         return {
-            "format": FORMAT,
-            "version": VERSION,
-            "tool_version": __version__,
+            **envelope(FORMAT, VERSION),
             "verdict": self.summary()["verdict"],
             "exit_code": self.exit_code,
             "reasons": self.reasons,
@@ -207,7 +204,7 @@ class VerifyResult:
             "notes": self.notes,
             "inputs": self.inputs,
             "outputs": self.outputs,
-            "environment": library_versions(),
+            "environment": {**library_versions(), "cuda": torch.version.cuda or "none"},
             "seconds": self.seconds,
         }
 
@@ -220,18 +217,6 @@ VERDICT_RULE = (
     "(c) where a training image is given, every sample's SSIM to it is < max_train_similarity. "
     "Not equivalent: exit 1. Otherwise exit 3."
 )
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that produced the numbers."""
-    import diffusers
-    import skimage
-    import transformers
-
-    return {"nemo_surgery": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "scikit_image": skimage.__version__, "numpy": np.__version__,
-            "cuda": torch.version.cuda or "none", "platform": platform.platform()}
 
 
 # -- input resolution ------------------------------------------------------------------------
