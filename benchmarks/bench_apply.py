@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nemo_surgery.keymap import diffusers_to_ldm, ldm_weight_key  # noqa: E402
+from nemo_surgery.keymap import SD_LAYERS_PER_BLOCK, diffusers_to_ldm, ldm_weight_key  # noqa: E402
 
 SD1_ROWS = {
     "down_blocks.0.attentions.0": 320, "down_blocks.0.attentions.1": 320,
@@ -50,7 +50,7 @@ def build_checkpoint(path: Path, gb: float) -> dict[str, list[int]]:
     neurons: dict[str, list[int]] = {}
     for prefix, rows in SD1_ROWS.items():
         lid = f"{prefix}.transformer_blocks.0.attn2.to_v"
-        tensors.append((ldm_weight_key(diffusers_to_ldm(lid)), [rows, 768]))
+        tensors.append((ldm_weight_key(diffusers_to_ldm(lid, SD_LAYERS_PER_BLOCK)), [rows, 768]))
         neurons[lid] = sorted({int(r) for r in rng.choice(rows, size=rows // 20, replace=False)} | {0, 1, 2})
     size = sum(r * c * 2 for _, (r, c) in tensors)
     i = 0

@@ -13,6 +13,10 @@ import re
 
 VALUE_SUFFIX = "attn2.to_v"
 
+#: ``layers_per_block`` of every UNet that exists as an LDM single file (SD 1.x, 2.x, XL). Callers
+#: that map without a loaded UNet config pass it explicitly, so the assumption is visible there.
+SD_LAYERS_PER_BLOCK = 2
+
 #: Prefixes of single-file checkpoints: the UNet and its flattened EMA copy.
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_EMA_PREFIX = "model_ema.diffusion_model"
@@ -32,7 +36,7 @@ def is_value_layer_id(layer_id: str) -> bool:
     return _DIFFUSERS_RE.match(layer_id) is not None
 
 
-def diffusers_to_ldm(layer_id: str, layers_per_block: int = 2) -> str:
+def diffusers_to_ldm(layer_id: str, layers_per_block: int) -> str:
     """Map a diffusers value-layer id to its LDM module path."""
     m = _DIFFUSERS_RE.match(layer_id)
     if m is None:
@@ -48,7 +52,7 @@ def diffusers_to_ldm(layer_id: str, layers_per_block: int = 2) -> str:
     return f"output_blocks.{idx}.1.transformer_blocks.{tb}.attn2.to_v"
 
 
-def ldm_to_diffusers(ldm_id: str, layers_per_block: int = 2) -> str:
+def ldm_to_diffusers(ldm_id: str, layers_per_block: int) -> str:
     """Map an LDM value-layer module path back to its diffusers id."""
     m = _LDM_RE.match(ldm_id)
     if m is None:

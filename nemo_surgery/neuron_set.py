@@ -34,7 +34,7 @@ from typing import Any
 from nemo_surgery import __version__
 from nemo_surgery.atomic import write_json
 from nemo_surgery.errors import InputError
-from nemo_surgery.keymap import diffusers_to_ldm, is_value_layer_id
+from nemo_surgery.keymap import SD_LAYERS_PER_BLOCK, diffusers_to_ldm, is_value_layer_id
 from nemo_surgery.provenance import check_envelope, envelope
 
 FORMAT = "nemo-surgery.neuron-set"
@@ -145,7 +145,7 @@ def parse_neuron_set(doc: Any, path: Path = Path("<neuron set>")) -> NeuronSet:
                 cols=cols,
                 neurons=sorted(neurons),
                 needed_by=[list(p) for p in needed_by] if len(needed_by) == len(neurons) else [],
-                ldm_id=ldm_id if isinstance(ldm_id, str) else diffusers_to_ldm(lid),
+                ldm_id=ldm_id if isinstance(ldm_id, str) else diffusers_to_ldm(lid, SD_LAYERS_PER_BLOCK),
             )
         )
     model = doc.get("model") or {}

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nemo_surgery.keymap import diffusers_to_ldm, diffusers_weight_key, ldm_ema_weight_key, ldm_weight_key
+from nemo_surgery.keymap import SD_LAYERS_PER_BLOCK, diffusers_to_ldm, diffusers_weight_key, ldm_ema_weight_key, ldm_weight_key
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -70,7 +70,7 @@ def ldm_state(dtype: str = "fp32", ema: bool = True, seed: int = 0) -> dict[str,
         "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77).reshape(1, 77),
     }
     for lid, (rows, cols) in layer_shapes().items():
-        ldm = diffusers_to_ldm(lid)
+        ldm = diffusers_to_ldm(lid, SD_LAYERS_PER_BLOCK)
         state[ldm_weight_key(ldm)] = _rand((rows, cols), dt, gen)
         state[ldm_weight_key(ldm.replace("to_v", "to_k"))] = _rand((rows, cols), dt, gen)
         if ema:
@@ -176,7 +176,7 @@ def expected_zeroed(neurons: dict[str, list[int]], layout: str, ema: bool = Fals
         if layout == "diffusers":
             out[diffusers_weight_key(lid)] = rows
         else:
-            out[ldm_weight_key(diffusers_to_ldm(lid))] = rows
+            out[ldm_weight_key(diffusers_to_ldm(lid, SD_LAYERS_PER_BLOCK))] = rows
             if ema:
-                out[ldm_ema_weight_key(diffusers_to_ldm(lid))] = rows
+                out[ldm_ema_weight_key(diffusers_to_ldm(lid, SD_LAYERS_PER_BLOCK))] = rows
     return out

@@ -88,8 +88,8 @@ def test_select_by_prefix_and_errors(sd15_unet):
 
 @pytest.mark.parametrize("d,ldm,_rows", SD15_TABLE)
 def test_key_map_round_trips(d, ldm, _rows):
-    assert diffusers_to_ldm(d + SUFFIX) == ldm + SUFFIX
-    assert ldm_to_diffusers(ldm + SUFFIX) == d + SUFFIX
+    assert diffusers_to_ldm(d + SUFFIX, 2) == ldm + SUFFIX
+    assert ldm_to_diffusers(ldm + SUFFIX, 2) == d + SUFFIX
 
 
 def test_ema_key_is_flattened():

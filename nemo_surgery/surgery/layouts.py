@@ -14,6 +14,7 @@ from nemo_surgery.errors import InputError
 from nemo_surgery.keymap import (
     LDM_EMA_PREFIX,
     LDM_UNET_PREFIX,
+    SD_LAYERS_PER_BLOCK,
     diffusers_to_ldm,
     diffusers_weight_key,
     ldm_ema_weight_key,
@@ -25,7 +26,7 @@ _DIFFUSERS_UNET_PREFIXES = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in
 
 
 def _ldm_id(layer: LayerNeurons) -> str:
-    return layer.ldm_id or diffusers_to_ldm(layer.id)
+    return layer.ldm_id or diffusers_to_ldm(layer.id, SD_LAYERS_PER_BLOCK)
 
 
 @dataclass(frozen=True)
