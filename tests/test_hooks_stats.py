@@ -35,25 +35,26 @@ def test_mask_hook_equals_zeroed_weight_rows(tmp_path):
 
 def test_per_sample_masks_and_removal_on_error(planted_model):
     layer = planted_model.layers[0]
+    hidden = planted_model.encode(["a", "b"]).hidden
+    plain = layer.module(hidden)
+    assert plain[:, :, :4].abs().sum() > 0  # the rows we block carry signal, so blocking is visible
     mask = torch.ones(2, layer.rows)
     mask[1, :4] = 0
-    seen = {}
-
-    def spy(_m, _i, out):
-        seen["out"] = out
-
-    handle = layer.module.register_forward_hook(spy)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            with ValueMask(planted_model.layers, {layer.id: mask}):
-                hidden = planted_model.encode(["a", "b"]).hidden
-                layer.module(hidden)
-                raise RuntimeError("boom")
-    finally:
-        handle.remove()
+    with pytest.raises(RuntimeError, match="boom"):
+        with ValueMask(planted_model.layers, {layer.id: mask}):
+            masked = layer.module(hidden)
+            cfg = layer.module(torch.cat([hidden, hidden]))  # classifier-free guidance doubles the batch
+            raise RuntimeError("boom")
+    # per sample: sample 0 untouched, sample 1 has rows 0-3 zeroed and the others untouched
+    torch.testing.assert_close(masked[0], plain[0])
+    assert torch.equal(masked[1, :, :4], torch.zeros_like(masked[1, :, :4]))
+    torch.testing.assert_close(masked[1, :, 4:], plain[1, :, 4:])
+    # the masks repeat for each half of a guidance batch
+    torch.testing.assert_close(cfg[:2], masked)
+    torch.testing.assert_close(cfg[2:], masked)
+    # the error removed the hook: the layer computes the unmasked output again
     assert len(layer.module._forward_hooks) == 0
-    masked = layer.module(planted_model.encode(["a", "b"]).hidden)
-    assert not torch.equal(masked, torch.zeros_like(masked))
+    torch.testing.assert_close(layer.module(hidden), plain)
 
 
 def test_moments_of_shards_merge_exactly():
