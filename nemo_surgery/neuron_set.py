@@ -26,7 +26,6 @@ to apply a set; the rest is provenance. Layers with no neuron may be omitted.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from nemo_surgery.atomic import write_json
 from nemo_surgery.errors import InputError
 from nemo_surgery.keymap import SD_LAYERS_PER_BLOCK, diffusers_to_ldm, is_value_layer_id
 from nemo_surgery.provenance import check_envelope, envelope
+from nemo_surgery.schema import Bool, Int, ListOf, Nullable, Obj, Str, check_document, read_json
 
 FORMAT = "nemo-surgery.neuron-set"
 VERSION = 1
@@ -105,47 +105,65 @@ class NeuronSet:
 
 
 def _fail(path: Path, what: str) -> InputError:
-    return InputError(f"{path}: not a valid neuron set ({what}); produce one with `nemo-surgery scan`")
+    return InputError(f"{path}: not a valid neuron set ({what}); {HINT}")
+
+
+HINT = "produce one with `nemo-surgery scan`"
+
+#: The neuron-set document's shape; semantic checks (ids, ranges, duplicates) follow in parse_neuron_set.
+SCHEMA = Obj(
+    required={
+        "version": Int(),
+        "layers": ListOf(
+            Obj(
+                required={"id": Str(), "rows": Int(1), "cols": Int(1), "neurons": ListOf(Int(0))},
+                optional={"ldm_id": Nullable(Str()), "needed_by": Nullable(ListOf(ListOf(Int(0))))},
+            )
+        ),
+    },
+    optional={
+        "format": Str(),
+        "tool_version": Nullable(Str()),
+        "model": Nullable(Obj(optional={"fingerprint": Nullable(Str()), "source": Nullable(Str())})),
+        "settings": Nullable(Obj()),
+        "prompts": Nullable(ListOf(Obj(optional={"index": Int(0), "prompt": Str(), "memorized": Bool(), "mitigated": Bool()}))),
+        "total_neurons": Int(0),
+    },
+)
 
 
 def parse_neuron_set(doc: Any, path: Path = Path("<neuron set>")) -> NeuronSet:
-    """Validate a decoded JSON document and return the NeuronSet it describes."""
-    check_envelope(doc, FORMAT, VERSION, path, "produce one with `nemo-surgery scan`")
-    layers_doc = doc.get("layers")
-    if not isinstance(layers_doc, list):
-        raise _fail(path, "'layers' must be a list")
+    """Validate a decoded JSON document (envelope, then :data:`SCHEMA`) and return the NeuronSet it describes."""
+    check_envelope(doc, FORMAT, VERSION, path, HINT)
+    check_document(doc, SCHEMA, path, "neuron set", HINT)
     layers: list[LayerNeurons] = []
     seen: set[str] = set()
-    for i, entry in enumerate(layers_doc):
-        if not isinstance(entry, dict):
-            raise _fail(path, f"layers[{i}] is not an object")
-        lid = entry.get("id")
-        if not isinstance(lid, str) or not is_value_layer_id(lid):
+    for i, entry in enumerate(doc["layers"]):
+        lid = entry["id"]
+        if not is_value_layer_id(lid):
             raise _fail(path, f"layers[{i}].id {lid!r} is not a cross-attention value layer id")
         if lid in seen:
             raise _fail(path, f"layer {lid} listed twice")
         seen.add(lid)
-        rows, cols = entry.get("rows"), entry.get("cols")
-        if not (isinstance(rows, int) and isinstance(cols, int) and rows > 0 and cols > 0):
-            raise _fail(path, f"layer {lid}: rows and cols must be positive integers")
-        neurons = entry.get("neurons")
-        if not isinstance(neurons, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in neurons):
-            raise _fail(path, f"layer {lid}: neurons must be a list of integers")
+        rows, neurons = entry["rows"], entry["neurons"]
         if len(set(neurons)) != len(neurons):
             raise _fail(path, f"layer {lid}: duplicate neuron indices")
-        bad = [n for n in neurons if n < 0 or n >= rows]
+        bad = [n for n in neurons if n >= rows]
         if bad:
             raise _fail(path, f"layer {lid}: neuron index {bad[0]} out of range 0..{rows - 1}")
         needed_by = entry.get("needed_by") or []
+        if needed_by and len(needed_by) != len(neurons):
+            raise _fail(path, f"layers[{i}].needed_by has {len(needed_by)} entries for {len(neurons)} neurons")
+        order = sorted(range(len(neurons)), key=neurons.__getitem__)
         ldm_id = entry.get("ldm_id")
         layers.append(
             LayerNeurons(
                 id=lid,
                 rows=rows,
-                cols=cols,
-                neurons=sorted(neurons),
-                needed_by=[list(p) for p in needed_by] if len(needed_by) == len(neurons) else [],
-                ldm_id=ldm_id if isinstance(ldm_id, str) else diffusers_to_ldm(lid, SD_LAYERS_PER_BLOCK),
+                cols=entry["cols"],
+                neurons=[neurons[k] for k in order],
+                needed_by=[list(needed_by[k]) for k in order] if needed_by else [],
+                ldm_id=ldm_id if ldm_id is not None else diffusers_to_ldm(lid, SD_LAYERS_PER_BLOCK),
             )
         )
     model = doc.get("model") or {}
@@ -155,7 +173,7 @@ def parse_neuron_set(doc: Any, path: Path = Path("<neuron set>")) -> NeuronSet:
         source=model.get("source"),
         settings=doc.get("settings") or {},
         prompts=doc.get("prompts") or [],
-        tool_version=doc.get("tool_version", "unknown"),
+        tool_version=doc.get("tool_version") or "unknown",
     )
 
 
@@ -163,9 +181,5 @@ def load_neuron_set(path: str | Path) -> NeuronSet:
     """Read and validate a neuron-set JSON file; raise InputError with one line on failure."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: neuron set not found; produce one with `nemo-surgery scan`")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"not JSON: {exc}") from None
-    return parse_neuron_set(doc, path)
+        raise InputError(f"{path}: neuron set not found; {HINT}")
+    return parse_neuron_set(read_json(path, "neuron set", HINT), path)

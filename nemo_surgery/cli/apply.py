@@ -8,7 +8,7 @@ from rich.table import Table
 from nemo_surgery.cli.common import emit_json, json_option, quiet_option, run_command
 from nemo_surgery.cli.verify import build_options, execute_verify, verify_input_options, verify_tuning_options
 from nemo_surgery.console import console, info
-from nemo_surgery.surgery.apply import ApplyFailed, ApplyResult, run_apply
+from nemo_surgery.surgery.apply import ApplyResult, run_apply
 
 
 def _print_plan(result: ApplyResult) -> None:
@@ -28,7 +28,7 @@ def _print_plan(result: ApplyResult) -> None:
 @click.command("apply")
 @click.argument("ckpt", type=click.Path(path_type=str))
 @click.option("--neurons", "neurons", required=True, type=click.Path(path_type=str), help="Neuron set JSON from `scan`.")
-@click.option("--out", "out", type=click.Path(path_type=str), default=None,
+@click.option("--out", "-o", "out", type=click.Path(path_type=str), default=None,
               help="Output path (default: sibling <name>-nemo folder or <stem>-nemo.safetensors).")
 @click.option("--in-place", is_flag=True, help="Zero the rows inside CKPT itself (for huge files).")
 @click.option("--dry-run", is_flag=True, help="Print the patch plan (files, keys, rows, bytes); write nothing.")
@@ -56,12 +56,8 @@ def apply_command(
     if verify:
         options = build_options(**verify_kwargs)
         precheck_inputs(neurons, options)  # fail before writing anything
-    try:
-        result = run_apply(ckpt, neurons, out=out, in_place=in_place, dry_run=dry_run, force=force)
-    except ApplyFailed as exc:
-        if as_json:
-            emit_json(exc.result.to_json())
-        raise
+    # an ApplyFailed carries its result: with --json, run_command prints it inside the error object
+    result = run_apply(ckpt, neurons, out=out, in_place=in_place, dry_run=dry_run, force=force)
     _print_plan(result)
     if not result.dry_run:
         info(

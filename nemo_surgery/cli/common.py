@@ -9,9 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from rich.markup import escape
+from rich.text import Text
 
 from nemo_surgery.console import console, set_quiet
-from nemo_surgery.errors import EXIT_FAILURE, NemoError
+from nemo_surgery.errors import EXIT_FAILURE, EXIT_USAGE, NemoError
 
 #: Exit codes, documented in --help.
 EXIT_HELP = """Exit codes: 0 success (verdict: mitigated), 1 failure, 2 bad input or usage,
@@ -38,29 +40,43 @@ def device_options(f: Callable) -> Callable:
                         help=f"One of {', '.join(DEVICES)} (or cuda:N); auto picks cuda, then mps, then cpu.")(f)
 
 
+def _fail(message: str, exit_code: int, as_json: bool, kind: str, details: dict[str, Any] | None = None) -> None:
+    """Print a one-line error on stderr (and, with --json, as a JSON object on stdout); exit."""
+    console.quiet = False
+    console.print(message, soft_wrap=True)
+    if as_json:
+        error: dict[str, Any] = {"kind": kind, "message": Text.from_markup(message).plain.removeprefix("error: "), "exit_code": exit_code}
+        emit_json({"error": error, **(details or {})})
+    sys.exit(exit_code)
+
+
 def run_command(f: Callable[..., int | None]) -> Callable[..., None]:
-    """Wrap a command body: apply --quiet, map NemoError to a one-line error and exit code."""
+    """Wrap a command body: apply --quiet, map NemoError to a one-line error and exit code.
+
+    With --json the error is also printed on stdout as ``{"error": {"kind", "message",
+    "exit_code"}}`` (plus ``result`` where the failure carries one), so scripts that
+    read stdout always get one JSON object.
+    """
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         set_quiet(bool(kwargs.get("quiet", False)))
+        as_json = bool(kwargs.get("as_json", False))
         try:
             code = f(*args, **kwargs) or 0
         except NemoError as exc:
-            console.quiet = False
-            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-            sys.exit(exc.exit_code)
+            result = getattr(exc, "result", None)
+            details = {"result": result.to_json()} if hasattr(result, "to_json") else None
+            kind = "bad_input" if exc.exit_code == EXIT_USAGE else "failure"
+            _fail(f"[red]error:[/red] {escape(str(exc))}", exc.exit_code, as_json, kind, details)
         except KeyboardInterrupt:
-            console.quiet = False
-            console.print("[red]interrupted[/red]: no output was half-written; finished scan records are kept "
-                          "(rerun scan with --resume)")
-            sys.exit(130)
+            _fail("[red]interrupted[/red]: no output was half-written; finished scan records are kept "
+                  "(rerun scan with --resume)", 130, as_json, "interrupted")
         except (MemoryError, RuntimeError) as exc:  # torch's CUDA/MPS out-of-memory errors are RuntimeErrors
             if not isinstance(exc, MemoryError) and "out of memory" not in str(exc).lower():
                 raise
-            console.quiet = False
-            console.print("[red]error:[/red] out of memory; lower --batch-size, or use --dtype fp16 on a GPU")
-            sys.exit(EXIT_FAILURE)
+            _fail("[red]error:[/red] out of memory; lower --batch-size, or use --dtype fp16 on a GPU",
+                  EXIT_FAILURE, as_json, "out_of_memory")
         sys.exit(code)
 
     return wrapper

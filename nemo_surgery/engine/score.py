@@ -39,7 +39,7 @@ class ScoreSettings:
     def from_json(cls, doc: dict[str, Any]) -> ScoreSettings:
         """Rebuild settings from their JSON form."""
         doc = dict(doc)
-        doc["ssim"] = SSIMConfig(**doc.get("ssim", {}))
+        doc["ssim"] = SSIMConfig.from_json(doc.get("ssim", {}))
         return cls(**doc)
 
 

@@ -9,7 +9,6 @@ computed with exactly the detection settings.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from nemo_surgery.engine.model import LoadedModel
 from nemo_surgery.engine.score import Scorer, ScoreSettings, pairwise_indices
 from nemo_surgery.errors import InputError
 from nemo_surgery.provenance import check_envelope, envelope
+from nemo_surgery.schema import Int, ListOf, Nullable, Num, Obj, Str, check_document, read_json
 
 FORMAT = "nemo-surgery.stats"
 VERSION = 1
@@ -164,22 +164,37 @@ class Stats:
         return write_json(path, self.to_json())
 
 
+#: The statistics document's shape, checked before any field is read.
+SCHEMA = Obj(
+    required={
+        "model": Obj(required={"fingerprint": Str()}, optional={"source": Nullable(Str()), "dtype": Str()}),
+        "settings": Obj(),
+        "prompt_count": Int(0),
+        "pairwise": Obj(required={"count": Int(0), "mean": Num(), "m2": Num()}),
+        "detection": Obj(required={"prompt_scores": ListOf(Num())}),
+        "layers": ListOf(Obj(
+            required={"id": Str(), "rows": Int(1), "cols": Int(1), "count": Int(0), "mean": ListOf(Num()), "m2": ListOf(Num())},
+            optional={"ldm_id": Nullable(Str())},
+        )),
+    },
+)
+
+
 def load_stats(path: str | Path) -> Stats:
     """Read a statistics file; raise InputError (one line) if it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: statistics file not found; compute it with `nemo-surgery stats HOLDOUT --out {path}`")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable statistics ({exc}); recompute them with `nemo-surgery stats`") from None
-    check_envelope(doc, FORMAT, VERSION, path, "recompute it with `nemo-surgery stats`")
+    hint = "recompute it with `nemo-surgery stats`"
+    doc = read_json(path, "statistics file", hint)
+    check_envelope(doc, FORMAT, VERSION, path, hint)
+    check_document(doc, SCHEMA, path, "statistics file", hint)
     try:
         pw = doc["pairwise"]
         layers = {
             entry["id"]: LayerStats(
                 entry["id"],
-                entry["ldm_id"],
+                entry.get("ldm_id"),
                 entry["rows"],
                 entry["cols"],
                 Moments(
@@ -200,7 +215,7 @@ def load_stats(path: str | Path) -> Stats:
             prompt_count=doc["prompt_count"],
             dtype=doc["model"].get("dtype", "fp32"),
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # settings fields (ScoreSettings.from_json)
         raise InputError(f"{path}: not a nemo-surgery statistics file ({exc}); recompute it with `nemo-surgery stats`") from None
 
 
