@@ -106,7 +106,8 @@ def scan_prompt(
         result.mitigated = init.mitigated
         if init.mitigated:
             mark = time.perf_counter()
-            final, final_score = refine(init.blocked, scorer.slices, z, oracle, tau, width, init.score)
+            final, final_score = refine(init.blocked, scorer.slices, z, oracle, tau, width, init.score,
+                                        selection.strategy)
             stages["refine"] = time.perf_counter() - mark
             result.neurons = scorer.split(final)
             result.count = int(final.sum())
