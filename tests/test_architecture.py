@@ -33,8 +33,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "provenance": {"__init__", "errors", "schema"},
     "neuron_set": {"__init__", "errors", "atomic", "provenance", "keymap", "schema"},
     "demo": {"__init__"},
-    "engine": BASE,
     "surgery": BASE,
+    "engine": BASE | {"surgery"},  # torch-free byte readers (headers, the byte-level fingerprint); never the reverse
     "verify": BASE | {"engine", "surgery"},
     "workflow": BASE | {"surgery", "verify", "engine"},
     "cli": BASE | {"engine", "surgery", "verify", "workflow", "demo", "cli"},
