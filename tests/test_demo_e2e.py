@@ -16,8 +16,8 @@ from nemo_surgery.engine.prompts import Prompt, read_prompts
 from nemo_surgery.engine.scan import run_scan
 from nemo_surgery.engine.stats import load_stats
 from nemo_surgery.surgery.apply import run_apply
-from nemo_surgery.verify.run import VerifyOptions, run_verify
-from nemo_surgery.verify.sampling import SampleSettings
+from nemo_surgery.verify.options import VerifyOptions
+from nemo_surgery.verify.run import run_verify
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_IMAGES = DEMO_TRAIN_IMAGES
@@ -55,7 +55,7 @@ def test_pruned_demo_model_loses_the_memorized_image(demo_scan, tmp_path):
     memorized.write_text("a portrait of an astronaut\n")
     options = VerifyOptions(
         stats=DEMO_STATS, prompts=memorized, holdout=holdout, train_images=TRAIN_IMAGES,
-        sampling=SampleSettings(seeds=3, steps=20, guidance=3.0), device="cpu",
+        seeds=3, steps=20, guidance=3.0, device="cpu",
     )
     result = run_verify(DEMO_MODEL_DIR, pruned, neurons, options)
     check = result.checks[0]

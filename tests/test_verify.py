@@ -23,12 +23,14 @@ from nemo_surgery.errors import EXIT_VERDICT, InputError
 from nemo_surgery.neuron_set import LayerNeurons, NeuronSet
 from nemo_surgery.surgery.apply import run_apply
 from nemo_surgery.verify.metrics import fit_win_size
-from nemo_surgery.verify.run import VerifyOptions, run_verify
-from nemo_surgery.verify.sampling import SampleSettings, sample_images
+from nemo_surgery.verify.options import VerifyOptions
+from nemo_surgery.verify.run import run_verify
+from nemo_surgery.verify.sampling import sample_images
 from tests.models.plant import ORDINARY_PROMPTS, TRIGGER_PROMPT, PlantSpec, build_planted_pipeline
 from tests.models.tiny import save_pipeline
 
-FAST = SampleSettings(seeds=3, steps=10, guidance=7.5, batch_size=16)
+FAST_KW = {"seeds": 3, "steps": 10, "guidance": 7.5, "batch_size": 16}
+FAST = VerifyOptions(**FAST_KW).sampling
 HOLDOUT = ORDINARY_PROMPTS[:4]
 
 
@@ -64,7 +66,7 @@ def planted(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def good_result(planted):
-    options = VerifyOptions(holdout=planted["root"] / "hold.txt", sampling=FAST, device="cpu")
+    options = VerifyOptions(holdout=planted["root"] / "hold.txt", **FAST_KW, device="cpu")
     return run_verify(planted["orig"], planted["pruned_good"], planted["good"], options)
 
 
@@ -132,7 +134,7 @@ def test_wrong_set_fails_with_exit_3(planted) -> None:
 def test_equivalence_catches_unpruned_copy(planted, tmp_path) -> None:
     """A 'pruned' folder that is an unmodified copy is not equivalent to the hooked original: exit 1."""
     copy = shutil.copytree(planted["orig"], tmp_path / "copy")
-    options = VerifyOptions(sampling=SampleSettings(seeds=2, steps=2), device="cpu", report=tmp_path / "rep")
+    options = VerifyOptions(seeds=2, steps=2, device="cpu", report=tmp_path / "rep")
     r = run_verify(planted["orig"], copy, planted["good"], options)
     assert not r.equivalence.ok and not r.equivalence.rows_zero and r.exit_code == 1
     assert any("not equivalent" in reason for reason in r.reasons)
@@ -154,7 +156,7 @@ def test_training_image_check(planted, tmp_path) -> None:
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(noise / "img.png")
     (noise / "mapping.json").write_text(json.dumps({TRIGGER_PROMPT: "img.png"}))
     for folder, expect in ((like, 3), (noise, 0)):
-        options = VerifyOptions(holdout=planted["root"] / "hold.txt", sampling=FAST, device="cpu",
+        options = VerifyOptions(holdout=planted["root"] / "hold.txt", **FAST_KW, device="cpu",
                                 train_images=folder, report=tmp_path / f"rep-{folder.name}")
         r = run_verify(planted["orig"], planted["pruned_good"], planted["good"], options)
         assert r.checks[0].train_after is not None and r.exit_code == expect, r.reasons

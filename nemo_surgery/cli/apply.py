@@ -1,4 +1,4 @@
-"""`nemo-surgery apply`: thin CLI over nemo_surgery.surgery.apply.run_apply."""
+"""`nemo-surgery apply`: thin CLI over nemo_surgery.workflow.apply_and_verify."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import click
 from rich.table import Table
 
 from nemo_surgery.cli.common import emit_json, json_option, quiet_option, run_command
-from nemo_surgery.cli.verify import build_options, execute_verify, verify_input_options, verify_tuning_options
+from nemo_surgery.cli.verify import print_summary, verify_options
 from nemo_surgery.console import console, info
-from nemo_surgery.surgery.apply import ApplyResult, run_apply
+from nemo_surgery.surgery.apply import ApplyResult
+from nemo_surgery.verify.options import VerifyOptions
 
 
 def _print_plan(result: ApplyResult) -> None:
@@ -23,6 +24,11 @@ def _print_plan(result: ApplyResult) -> None:
         for t in f.plan.tensors:
             table.add_row(str(f.plan.rel), t.key, str(len(t.rows)), str(t.bytes_zeroed))
     console.print(table)
+    if not result.dry_run:
+        info(
+            f"[green]ok[/green]: {result.rows_zeroed} rows zeroed in {len(result.files)} file(s) -> {result.output}; "
+            f"report: {result.report_md}"
+        )
 
 
 @click.command("apply")
@@ -34,14 +40,13 @@ def _print_plan(result: ApplyResult) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the patch plan (files, keys, rows, bytes); write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output (atomically).")
 @click.option("--no-verify", is_flag=True, help="Skip `verify` (run by default when CKPT is a loadable pipeline folder).")
-@verify_input_options
-@verify_tuning_options
+@verify_options
 @json_option
 @quiet_option
 @run_command
 def apply_command(
     ckpt: str, neurons: str, out: str | None, in_place: bool, dry_run: bool, force: bool, as_json: bool, quiet: bool,
-    no_verify: bool = False, **verify_kwargs,
+    no_verify: bool = False, **verify_values,
 ) -> int:
     """Zero neuron rows directly in safetensors checkpoints, byte-exact and verified.
 
@@ -50,27 +55,23 @@ def apply_command(
     A loadable pipeline folder is then verified (see `verify`; report in
     <output>/nemo_report) and the exit code is verify's verdict; --no-verify skips it.
     """
-    from nemo_surgery.verify.run import loadable_pipeline, precheck_inputs
+    from nemo_surgery.workflow import apply_and_verify
 
-    verify = not (no_verify or dry_run or in_place) and loadable_pipeline(ckpt)
-    if verify:
-        options = build_options(**verify_kwargs)
-        precheck_inputs(neurons, options)  # fail before writing anything
-    # an ApplyFailed carries its result: with --json, run_command prints it inside the error object
-    result = run_apply(ckpt, neurons, out=out, in_place=in_place, dry_run=dry_run, force=force)
-    _print_plan(result)
-    if not result.dry_run:
-        info(
-            f"[green]ok[/green]: {result.rows_zeroed} rows zeroed in {len(result.files)} file(s) -> {result.output}; "
-            f"report: {result.report_md}"
-        )
-    if in_place and not no_verify and loadable_pipeline(ckpt):
-        info("verify skipped: --in-place leaves no original to compare with; run `nemo-surgery verify` on a copy")
-    if verify:
-        checked = execute_verify(result.ckpt, result.output, neurons, options)
+    options = None if no_verify else VerifyOptions.from_values(verify_values)
+    status = console.status("verifying")
+    try:
+        done = apply_and_verify(ckpt, neurons, out=out, in_place=in_place, dry_run=dry_run, force=force,
+                                verify=options, applied=_print_plan,
+                                stage=lambda text: (status.start(), status.update(f"verify: {text}")))
+    finally:  # an ApplyFailed carries its result: with --json, run_command prints it inside the error object
+        status.stop()
+    if done.skipped and in_place:
+        info(f"verify skipped: {done.skipped}")
+    if done.verified is not None:
+        print_summary(done.verified)
         if as_json:
-            emit_json({**result.to_json(), "verify": checked.summary()})
-        return checked.exit_code
+            emit_json({**done.applied.to_json(), "verify": done.verified.summary()})
+        return done.exit_code
     if as_json:
-        emit_json(result.to_json())
+        emit_json(done.applied.to_json())
     return 0

@@ -1,4 +1,4 @@
-"""`nemo-surgery verify`: thin CLI over nemo_surgery.verify.run.run_verify."""
+"""`nemo-surgery verify`: thin CLI over nemo_surgery.verify.run.run_verify; flags generated from VerifyOptions."""
 
 from __future__ import annotations
 
@@ -7,70 +7,51 @@ from pathlib import Path
 import click
 
 from nemo_surgery.cli.common import device_options, emit_json, json_option, quiet_option, run_command
+from nemo_surgery.verify.options import VerifyOptions, option_fields
 
 
-def verify_input_options(f):
-    """--stats, --prompts, --holdout, --train-images, --column: inputs shared by verify and apply."""
-    f = click.option("--column", "column", default="prompt", show_default=True,
-                     help="Prompt column of CSV/JSONL prompt files.")(f)
-    f = click.option("--train-images", type=click.Path(path_type=Path), default=None,
-                     help="Folder of <prompt index>.png training images, or a JSON mapping (index or prompt -> image).")(f)
-    f = click.option("--holdout", type=click.Path(path_type=Path), default=None,
-                     help="Non-memorized prompts for drift and sample-agreement calibration (default: drift not measured).")(f)
-    f = click.option("--prompts", type=click.Path(path_type=Path), default=None,
-                     help="Memorized prompts to verify on (default: those the neuron set records as memorized).")(f)
-    f = click.option("--stats", "stats", type=click.Path(path_type=Path), default=None,
-                     help="Statistics (tau) from `nemo-surgery stats` (default: the file the neuron set records).")(f)
-    return f
+def _click_type(meta: dict):
+    kind, low, high = meta["kind"], meta["low"], meta["high"]
+    if kind == "path":
+        return click.Path(path_type=Path)
+    if kind == "int":
+        return click.IntRange(low, high) if low is not None or high is not None else int
+    if kind == "float":
+        return click.FloatRange(low, high) if low is not None or high is not None else float
+    return str
 
 
-def verify_tuning_options(f):
-    """Sampling, thresholds, optional metrics and device options of verify."""
-    opts = [
-        click.option("--seeds", default=4, show_default=True, type=click.IntRange(2),
-                     help="Samples per prompt (same seeds before and after)."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the one CPU generator that draws the initial noise."),
-        click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="DDIM steps of full sampling."),
-        click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale of full sampling."),
-        click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Samples per UNet call."),
-        click.option("--max-drift", default=0.1, show_default=True, type=click.FloatRange(0, 1),
-                     help="Most allowed hold-out drift (1 - mean SSIM of samples before/after)."),
-        click.option("--max-train-similarity", default=0.3, show_default=True, type=click.FloatRange(0, 1),
-                     help="Every after-sample's SSIM to its training image must stay below this."),
-        click.option("--max-sample-agreement", default=None, type=click.FloatRange(-1, 1),
-                     help="Most allowed mean pairwise SSIM of a prompt's samples across seeds "
-                          "(default: hold-out mean + 1 std on the original; 0.5 without --holdout)."),
-        click.option("--sscd", type=click.Path(path_type=Path), default=None, help="Local TorchScript SSCD model (optional)."),
-        click.option("--clip", type=click.Path(path_type=Path), default=None, help="Local CLIP model folder (optional)."),
-        device_options,
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+def options_from(*groups: str):
+    """A decorator adding one click option per VerifyOptions field of ``groups`` (default and help from the field)."""
+
+    def decorate(f):
+        if "device" in groups:  # --device/--dtype: the helper every model-loading command shares
+            f = device_options(f)
+        for fld in reversed(option_fields(*(g for g in groups if g != "device"))):
+            meta = fld.metadata
+            flag = "--" + fld.name.replace("_", "-")
+            if meta["kind"] == "flag":
+                f = click.option(flag, fld.name, is_flag=True, default=fld.default, help=meta["help"])(f)
+            else:
+                f = click.option(flag, fld.name, type=_click_type(meta), default=fld.default,
+                                 show_default=fld.default is not None, help=meta["help"])(f)
+        return f
+
+    return decorate
 
 
-def build_options(stats, prompts, holdout, train_images, column, report=None, seeds=4, seed=0, steps=50, guidance=7.5,
-                  batch_size=8, max_drift=0.1, max_train_similarity=0.3, max_sample_agreement=None, sscd=None,
-                  clip=None, device="auto", dtype="fp32"):
-    """Turn CLI option values into VerifyOptions."""
-    from nemo_surgery.verify.run import VerifyOptions
-    from nemo_surgery.verify.sampling import SampleSettings
-
-    return VerifyOptions(
-        stats=stats, prompts=prompts, holdout=holdout, train_images=train_images, report=report, column=column,
-        sampling=SampleSettings(seeds=seeds, seed=seed, steps=steps, guidance=guidance, batch_size=batch_size),
-        max_drift=max_drift, max_train_similarity=max_train_similarity, max_sample_agreement=max_sample_agreement,
-        sscd=sscd, clip=clip, device=device, dtype=dtype,
-    )
+#: Inputs and tuning shared by verify and apply (apply's report goes to <output>/nemo_report).
+verify_options = options_from("input", "tuning", "device")
 
 
-def execute_verify(original, pruned, neurons, options):
+def run_with_status(original, pruned, neurons, options: VerifyOptions, inputs=None):
     """Run verification with a status line on stderr; print the summary table and the verdict."""
     from nemo_surgery.console import console
     from nemo_surgery.verify.run import run_verify
 
     with console.status("verifying") as status:
-        result = run_verify(original, pruned, neurons, options, stage=lambda text: status.update(f"verify: {text}"))
+        result = run_verify(original, pruned, neurons, options, stage=lambda text: status.update(f"verify: {text}"),
+                            inputs=inputs)
     print_summary(result)
     return result
 
@@ -109,26 +90,18 @@ def print_summary(result) -> None:
 @click.argument("original", type=click.Path(path_type=Path))
 @click.argument("pruned", type=click.Path(path_type=Path))
 @click.option("--neurons", required=True, type=click.Path(path_type=Path), help="Neuron set JSON that was applied.")
-@verify_input_options
-@click.option("--report", type=click.Path(path_type=Path), default=None,
-              help="Report folder (default: <PRUNED>/nemo_report).")
-@verify_tuning_options
+@options_from("input", "report", "tuning", "device")
 @quiet_option
 @json_option
 @run_command
-def verify_command(original, pruned, neurons, stats, prompts, holdout, train_images, column, report, seeds, seed,
-                   steps, guidance, batch_size, max_drift, max_train_similarity, max_sample_agreement, sscd, clip,
-                   device, dtype, quiet, as_json) -> int:
+def verify_command(original, pruned, neurons, quiet, as_json, **values) -> int:
     """Verify a pruned pipeline against ORIGINAL: re-score, sample, drift, equivalence, report.
 
     Writes report.json, report.html and MODEL_CARD.md. Exit code is the verdict:
     0 every memorized prompt mitigated and drift within --max-drift; 3 otherwise;
     1 when the pruned checkpoint is not equivalent to the hooked original.
     """
-    options = build_options(stats, prompts, holdout, train_images, column, report, seeds, seed, steps, guidance,
-                            batch_size, max_drift, max_train_similarity, max_sample_agreement, sscd, clip, device,
-                            dtype)
-    result = execute_verify(original, pruned, neurons, options)
+    result = run_with_status(original, pruned, neurons, VerifyOptions.from_values(values))
     if as_json:
         emit_json(result.summary())
     return result.exit_code

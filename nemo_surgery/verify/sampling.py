@@ -15,13 +15,13 @@ from nemo_surgery.engine.score import draw_latents
 
 @dataclass(frozen=True)
 class SampleSettings:
-    """How verification draws full samples (identical before and after pruning)."""
+    """How verification draws full samples (identical before and after pruning; defaults in verify.options)."""
 
-    seeds: int = 4
-    seed: int = 0
-    steps: int = 50
-    guidance: float = 7.5
-    batch_size: int = 8
+    seeds: int
+    seed: int
+    steps: int
+    guidance: float
+    batch_size: int
 
     def to_json(self) -> dict[str, Any]:
         """Return the settings as a JSON-ready dict."""

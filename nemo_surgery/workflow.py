@@ -1,0 +1,75 @@
+"""apply then verify, as one library call: the neuron set and the verify inputs are parsed once.
+
+``surgery`` never imports torch or ``verify``; this module is where the two meet.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nemo_surgery.neuron_set import load_neuron_set
+from nemo_surgery.surgery.apply import ApplyResult, run_apply
+from nemo_surgery.verify.inputs import loadable_pipeline, precheck_inputs
+from nemo_surgery.verify.options import VerifyOptions
+
+
+@dataclass
+class WorkflowResult:
+    """What apply did, what verify found (None when it did not run), and why it did not run."""
+
+    applied: ApplyResult
+    verified: object | None = None  # nemo_surgery.verify.result.VerifyResult (imported lazily: torch)
+    skipped: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """Verify's verdict when it ran, else 0 (apply itself raises on failure)."""
+        return 0 if self.verified is None else self.verified.exit_code
+
+
+def _run_apply(ckpt, neurons_path, neuron_set, **kwargs) -> ApplyResult:
+    # run_apply takes the parsed set once the surgery package accepts it (keyword ``neuron_set``)
+    if "neuron_set" in inspect.signature(run_apply).parameters:
+        return run_apply(ckpt, neurons_path, neuron_set=neuron_set, **kwargs)
+    return run_apply(ckpt, neurons_path, **kwargs)
+
+
+def apply_and_verify(
+    ckpt: str | Path,
+    neurons: str | Path,
+    out: str | Path | None = None,
+    in_place: bool = False,
+    dry_run: bool = False,
+    force: bool = False,
+    verify: VerifyOptions | None = VerifyOptions(),
+    stage: Callable[[str], None] | None = None,
+    applied: Callable[[ApplyResult], None] | None = None,
+) -> WorkflowResult:
+    """Zero the set's rows in CKPT, then verify the output against CKPT when CKPT is a loadable pipeline.
+
+    ``verify=None`` skips verification. Verification inputs are checked before
+    anything is written (InputError). ``applied(result)`` is called between the
+    two steps (e.g. to print the patch table); ``stage(text)`` reports verify's phases.
+    """
+    neurons_path = Path(neurons)
+    neuron_set = load_neuron_set(neurons_path)
+    wanted = verify is not None and loadable_pipeline(ckpt)
+    run_it = wanted and not (dry_run or in_place)
+    inputs = precheck_inputs(neurons_path, verify, neuron_set=neuron_set) if run_it else None
+    result = _run_apply(ckpt, neurons_path, neuron_set, out=out, in_place=in_place, dry_run=dry_run, force=force)
+    if applied is not None:
+        applied(result)
+    if not run_it:
+        skipped = None
+        if wanted and in_place:
+            skipped = "--in-place leaves no original to compare with; run `nemo-surgery verify` on a copy"
+        elif wanted and dry_run:
+            skipped = "--dry-run writes nothing to verify"
+        return WorkflowResult(result, None, skipped)
+    from nemo_surgery.verify.run import run_verify
+
+    checked = run_verify(result.ckpt, result.output, neurons_path, verify, stage=stage, inputs=inputs)
+    return WorkflowResult(result, checked)
