@@ -86,7 +86,11 @@ def test_pipeline_folder_with_fp16_variant(tmp_path: Path) -> None:
         assert (out / "unet" / name).stat().st_ino != (src / "unet" / name).stat().st_ino
     for rel in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "text_encoder/model.safetensors"):
         assert (out / rel).read_bytes() == (src / rel).read_bytes()
-        assert (out / rel).stat().st_ino == (src / rel).stat().st_ino, "unchanged files are hard-linked"
+        assert (out / rel).stat().st_ino != (src / rel).stat().st_ino, "unchanged files are copies, never hard links"
+    # issue 13: save_pretrained into the pruned folder rewrote the ORIGINAL's configs through hard links
+    original = (src / "model_index.json").read_bytes()
+    (out / "model_index.json").write_text('{"edited": "in the output only"}')
+    assert (src / "model_index.json").read_bytes() == original
     assert len(result.mirrored) == 4 and all(m.ok for m in result.mirrored)
     report = json.loads((out / "report.json").read_text())
     assert report["ok"] and len(report["files"]) == 2
@@ -114,7 +118,7 @@ def test_sharded_folder_patches_only_shards_with_targets(tmp_path: Path) -> None
     assert [str(f.plan.rel) for f in result.files] == [f"unet/{shard}"]
     assert_patched(src / "unet" / shard, out / "unet" / shard, {key: [3, 4, 200]})
     for other in set(index["weight_map"].values()) - {shard}:
-        assert (out / "unet" / other).stat().st_ino == (src / "unet" / other).stat().st_ino
+        assert (out / "unet" / other).stat().st_ino != (src / "unet" / other).stat().st_ino
     idx = "unet/diffusion_pytorch_model.safetensors.index.json"
     assert (out / idx).read_bytes() == (src / idx).read_bytes()
 
@@ -295,7 +299,7 @@ def test_verify_copy_detects_tampered_output(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("metadata", [None, {"modelspec.hash_sha256": "abc"}])
 def test_in_place_small_chunks_and_tampering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metadata) -> None:
     from nemo_surgery.surgery import streaming
-    from nemo_surgery.surgery.patch import patch_in_place
+    from nemo_surgery.surgery.patch import plan_in_place, write_in_place
     from nemo_surgery.surgery.verify_struct import verify_in_place
 
     monkeypatch.setattr(streaming, "CHUNK", 611)
@@ -303,7 +307,8 @@ def test_in_place_small_chunks_and_tampering(tmp_path: Path, monkeypatch: pytest
     original = src.read_bytes()
     fp = _plan_for(src, tmp_path)
     expected = _expected_data(fp)
-    done = patch_in_place(fp, "x" * 64)
+    done = plan_in_place(fp, "x" * 64)
+    write_in_place(fp, done)
     assert done.before.sha256_in == hashlib.sha256(original).hexdigest()
     v = verify_in_place(fp, done.before, done.metadata)
     assert v.ok, v.checks

@@ -36,9 +36,11 @@ def _print_plan(result: ApplyResult) -> None:
 @click.option("--neurons", "neurons", required=True, type=click.Path(path_type=str), help="Neuron set JSON from `scan`.")
 @click.option("--out", "-o", "out", type=click.Path(path_type=str), default=None,
               help="Output path (default: sibling <name>-nemo folder or <stem>-nemo.safetensors).")
-@click.option("--in-place", is_flag=True, help="Zero the rows inside CKPT itself (for huge files).")
+@click.option("--in-place", is_flag=True,
+              help="Zero the rows inside CKPT itself (for huge files). Not atomic: an interrupted edit leaves some rows "
+                   "unzeroed, is marked by a journal file beside CKPT, and is finished by rerunning the same command.")
 @click.option("--dry-run", is_flag=True, help="Print the patch plan (files, keys, rows, bytes); write nothing.")
-@click.option("--force", is_flag=True, help="Replace an existing output (atomically).")
+@click.option("--force", is_flag=True, help="Replace an existing output (atomically, with its report).")
 @click.option("--no-verify", is_flag=True, help="Skip `verify` (run by default when CKPT is a loadable pipeline folder).")
 @verify_options
 @json_option

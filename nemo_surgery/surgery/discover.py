@@ -101,6 +101,8 @@ def discover(ckpt: str | Path) -> Source:
     path = Path(ckpt)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):
+        raise InputError(f"{path}: not a regular file or folder (a device, FIFO or socket); pass the checkpoint file")
     if path.is_file():
         if path.name.endswith(PICKLE_SUFFIXES):
             raise pickle_refusal(path)

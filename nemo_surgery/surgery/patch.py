@@ -32,6 +32,7 @@ from nemo_surgery.surgery.streaming import (
     stream_chunks,
     with_zeros,
 )
+from nemo_surgery.surgery.testhooks import pause_at
 from nemo_surgery.surgery.writeback import Flusher
 
 MODELSPEC_HASH = "modelspec.hash_sha256"
@@ -79,12 +80,14 @@ def zero_ranges(fd: int, base: int, ranges: list[tuple[int, int]]) -> None:
     if not ranges:
         return
     zeros = bytes(min(CHUNK, max(length for _, length in ranges)))
-    for off, length in ranges:
+    for i, (off, length) in enumerate(ranges):
         pos = 0
         while pos < length:
             n = min(len(zeros), length - pos)
             write_at(fd, memoryview(zeros)[:n], base + off + pos)
             pos += n
+        if i == 0:
+            pause_at("in-place-zeroing")
 
 
 def provenance_metadata(
@@ -158,6 +161,8 @@ def _stream_copy(src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head:
             busy.append(h_out.submit(out))
             write_at(dst_fd, out, len(head) + pos)
             flusher.wrote(len(out))
+            if pos == 0:
+                pause_at("copy-streaming")
         ring.drain()
         return h_in.hexdigest(), h_out.hexdigest()
     finally:
@@ -194,7 +199,8 @@ def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: b
                     data_sha, sha_out = sha_out, None
                     final_meta = provenance_metadata(header.metadata, fp, neuron_set_sha256, data_sha)
                     final_head = encode_header(header, final_meta)
-                    assert len(final_head) == len(head), "placeholder hash changed the header length"
+                    if len(final_head) != len(head):  # a runtime check: must hold under python -O too
+                        raise NemoError(f"{fp.src}: internal error: the modelspec hash changed the header length")
                     write_at(dst_fd, final_head, 0)
                 if fsync:
                     os.fsync(dst_fd)
@@ -223,51 +229,102 @@ class PrePatch:
 
 
 @dataclass
-class InPlaceResult:
-    """What an in-place patch changed."""
+class InPlacePlan:
+    """An in-place patch decided before any byte is written: digests, header bytes and what they carry."""
 
     before: PrePatch
-    metadata: dict[str, str] | None
-    metadata_updated: bool
+    metadata: dict[str, str] | None  # the metadata the file holds afterwards
+    write_head: bool  # False: the header bytes stay as they are
+    metadata_updated: bool  # provenance keys written
+    modelspec_updated: bool | None  # None when the file has no modelspec hash
 
 
-def _in_place_head(fp: FilePlan, meta: dict[str, str]) -> tuple[bytes, bool]:
+def _in_place_head(fp: FilePlan, meta: dict[str, str]) -> bytes | None:
     try:
-        return encode_header(fp.header, meta, pad_to=fp.header.header_len), True
+        return encode_header(fp.header, meta, pad_to=fp.header.header_len)
     except ValueError:
-        return b"", False
+        return None
 
 
-def patch_in_place(fp: FilePlan, neuron_set_sha256: str) -> InPlaceResult:
-    """Zero the planned rows inside fp.src itself; update metadata only if it fits the old header.
+def replace_hash_in_header(fp: FilePlan, old_head: bytes, new_value: str) -> bytes | None:
+    """The old header bytes with only the modelspec hash value replaced (same length), or None.
 
-    One pass first hashes the input and predicts the patched digest (of the whole
-    file, or of the data buffer when the header must carry that digest); then
-    only the row ranges (and the header when it fits) are written and fsynced.
+    The value is replaced byte for byte where it occurs exactly once as a JSON
+    string; the result is re-parsed and must hold the same tensors and the old
+    metadata with only that value changed.
+    """
+    from nemo_surgery.surgery.safetensors_file import parse_header
+
+    meta = fp.header.metadata or {}
+    old_value = meta.get(MODELSPEC_HASH)
+    if old_value is None or len(old_value) != len(new_value):
+        return None
+    old_raw = json.dumps(old_value).encode()
+    if old_head.count(old_raw) != 1:
+        return None
+    head = old_head.replace(old_raw, json.dumps(new_value).encode())
+    try:
+        parsed = parse_header(head[:8], head[8:], fp.header.file_size)
+    except NemoError:
+        return None
+    same_tensors = parsed.tensors == fp.header.tensors
+    if not same_tensors or parsed.metadata != {**meta, MODELSPEC_HASH: new_value}:
+        return None
+    return head
+
+
+def plan_in_place(fp: FilePlan, neuron_set_sha256: str) -> InPlacePlan:
+    """Hash the file once and decide the header: full provenance if it fits, else the modelspec hash alone.
+
+    One pass hashes the input and predicts the patched digest (of the whole
+    file, or of the data buffer when the header must carry that digest). The
+    header is rewritten with provenance when it fits the old padded length;
+    otherwise, if the file has a ``modelspec.hash_sha256`` of the usual length,
+    only that value is rewritten in place (fixed length); otherwise the header
+    stays and the modelspec hash, if any, is stale (reported as such).
     """
     header, ranges = fp.header, fp.ranges
     has_spec = MODELSPEC_HASH in (header.metadata or {})
     with open(fp.src, "rb") as fh:
         old_head = fh.read(header.data_start)
-    if has_spec:
-        scan = scan_file(fp.src, header.data_start, ranges, prefix=b"")
-        meta = provenance_metadata(header.metadata, fp, neuron_set_sha256, scan.patched_sha256)
-        head, fits = _in_place_head(fp, meta)
-    else:
+    if not has_spec:
         meta = provenance_metadata(header.metadata, fp, neuron_set_sha256)
-        head, fits = _in_place_head(fp, meta)
-        scan = scan_file(fp.src, header.data_start, ranges, prefix=head if fits else old_head)
-    before = PrePatch(scan.file_sha256, scan.patched_sha256 or "", not has_spec, head if fits else old_head)
+        head = _in_place_head(fp, meta)
+        scan = scan_file(fp.src, header.data_start, ranges, prefix=head if head is not None else old_head)
+        before = PrePatch(scan.file_sha256, scan.patched_sha256 or "", True, head if head is not None else old_head)
+        if head is None:
+            return InPlacePlan(before, header.metadata, False, False, None)
+        return InPlacePlan(before, meta, True, True, None)
+    scan = scan_file(fp.src, header.data_start, ranges, prefix=b"")
+    data_sha = scan.patched_sha256 or ""
+    meta = provenance_metadata(header.metadata, fp, neuron_set_sha256, data_sha)
+    head = _in_place_head(fp, meta)
+    if head is not None:
+        return InPlacePlan(PrePatch(scan.file_sha256, data_sha, False, head), meta, True, True, True)
+    new_value = meta[MODELSPEC_HASH]
+    head = replace_hash_in_header(fp, old_head, new_value)
+    if head is not None:
+        spec_only = {**(header.metadata or {}), MODELSPEC_HASH: new_value}
+        return InPlacePlan(PrePatch(scan.file_sha256, data_sha, False, head), spec_only, True, False, True)
+    return InPlacePlan(PrePatch(scan.file_sha256, data_sha, False, old_head), header.metadata, False, False, False)
+
+
+def write_in_place(fp: FilePlan, plan: InPlacePlan) -> None:
+    """Zero the planned rows inside fp.src (and write the planned header); fsync.
+
+    Not atomic: a kill leaves some ranges zeroed and others not. The caller
+    journals the edit first (``surgery.journal``); re-running finishes it.
+    """
+    header = fp.header
 
     def body() -> None:
         fd = os.open(fp.src, os.O_RDWR)
         try:
-            zero_ranges(fd, header.data_start, ranges)
-            if fits:
-                write_at(fd, head, 0)
+            zero_ranges(fd, header.data_start, fp.ranges)
+            if plan.write_head:
+                write_at(fd, plan.before.head, 0)
             os.fsync(fd)
         finally:
             os.close(fd)
 
     guard_write(fp.src, body)
-    return InPlaceResult(before=before, metadata=meta if fits else header.metadata, metadata_updated=fits)

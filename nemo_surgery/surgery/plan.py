@@ -79,15 +79,6 @@ class PatchPlan:
     layout: str
     files: list[FilePlan]
 
-    @property
-    def bytes_zeroed(self) -> int:
-        """Bytes zeroed over all files."""
-        return sum(f.bytes_zeroed for f in self.files)
-
-    def patched_paths(self) -> set[Path]:
-        """Absolute paths of the input files that get patched."""
-        return {f.src for f in self.files}
-
 
 def _rel(source: Source, path: Path) -> Path:
     return Path(path.name) if not source.is_folder else path.relative_to(source.path)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
-from nemo_surgery.atomic import atomic_open, write_json
+from nemo_surgery.atomic import atomic_open, public_mode, write_json
 
 FORMAT = "nemo-surgery.apply-report"
 VERSION = 1
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
-    """Render a report document (as built by ApplyResult.to_report) as Markdown."""
+    """Render a report document (``ApplyResult.to_json()``) as Markdown."""
     status = "PASSED" if doc["ok"] else "FAILED"
     lines = [
         f"# nemo-surgery apply report: {status}",
@@ -61,3 +63,13 @@ def write_reports(doc: dict[str, Any], json_path: Path, md_path: Path) -> None:
     write_json(json_path, doc)
     with atomic_open(md_path) as fh:
         fh.write(render_markdown(doc))
+
+
+def write_report_files(doc: dict[str, Any], json_path: Path, md_path: Path) -> None:
+    """Write both reports to fresh paths (temps that a commit renames), fsynced, with cp's mode."""
+    for path, text in ((json_path, json.dumps(doc, indent=2) + "\n"), (md_path, render_markdown(doc))):
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        public_mode(path)

@@ -252,7 +252,10 @@ def verify_in_place(fp: FilePlan, before: PrePatch, metadata: dict[str, str] | N
 
 
 def verify_mirrored(rel: str, src: Path, dst: Path) -> FileVerification:
-    """Check that an unpatched file of a folder reached the output unchanged (same inode or same bytes)."""
+    """Check that an unpatched file of a folder reached the output as an independent copy with the same bytes.
+
+    Sharing the input's inode (a hard link) fails: writing into the output would change the input.
+    """
     result = FileVerification(rel=rel, output=dst)
     try:
         s, d = src.stat(), dst.stat()
@@ -260,7 +263,7 @@ def verify_mirrored(rel: str, src: Path, dst: Path) -> FileVerification:
         result.add("file present", False, str(exc))
         return result
     if (s.st_dev, s.st_ino) == (d.st_dev, d.st_ino):
-        result.add("mirrored", True, "hard link to the input")
+        result.add("mirrored", False, "shares the input's inode (hard link): writing the output would change the input")
     else:
         same = s.st_size == d.st_size and _sha(src) == _sha(dst)
         result.add("mirrored", same, "copied, bytes identical" if same else "copy differs from the input")
