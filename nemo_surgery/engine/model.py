@@ -108,6 +108,25 @@ class LoadedModel:
         return (cfg.in_channels, h, w)
 
     @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: ``epsilon`` (SD 1.x, SDXL), ``v_prediction`` (SD 2.x 768-v) or ``sample``."""
+        return str(getattr(self.pipe.scheduler.config, "prediction_type", None) or "epsilon")
+
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The training noise schedule's cumulative alphas (CPU float32), from the pipeline's scheduler."""
+        from diffusers import DDIMScheduler
+
+        with _quiet_diffusers():
+            return DDIMScheduler.from_config(self.pipe.scheduler.config).alphas_cumprod.float().cpu()
+
+    def epsilon(self, output: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
+        """The noise prediction for a UNet ``output`` on ``sample`` at ``timestep`` (see engine/prediction.py)."""
+        from nemo_surgery.engine.prediction import to_epsilon
+
+        return to_epsilon(output, sample, timestep, self.alphas_cumprod, self.prediction_type)
+
+    @property
     def max_tokens(self) -> int:
         """The tokenizer's sequence length (77 for CLIP)."""
         return int(self.pipe.tokenizer.model_max_length)

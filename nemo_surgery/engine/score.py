@@ -143,7 +143,7 @@ class Scorer:
             keep = (~blocked).to(self.model.dtype)
             masks = {layer.id: keep[:, sl] for layer, sl in zip(self.layers, self.slices) if blocked[:, sl].any()}
         with ValueMask(self.layers, masks):
-            eps = self.model.unet(x, self.timestep, **batch.unet_kwargs()).sample
+            eps = self.model.epsilon(self.model.unet(x, self.timestep, **batch.unet_kwargs()).sample, x, self.timestep)
         self.counter.calls += 1
         self.counter.samples += b
         if g > 1.0:

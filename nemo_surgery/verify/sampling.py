@@ -82,7 +82,8 @@ def sample_images(
         batch = cond.select(sel.to(cond.hidden.device))
         if use_cfg:
             batch = _cat_cond(uncond.repeat(b), batch)
-        scheduler = DDIMScheduler.from_config(model.pipe.scheduler.config)
+        # the UNet's own prediction type (v for SD 2.x 768-v); DDIM's step converts it
+        scheduler = DDIMScheduler.from_config(model.pipe.scheduler.config, prediction_type=model.prediction_type)
         scheduler.set_timesteps(settings.steps, device=model.device)
         x = (flat_init[start : start + b] * scheduler.init_noise_sigma).to(model.device, model.dtype)
         with ValueMask(model.layers, masks):
