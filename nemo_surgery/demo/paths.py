@@ -14,3 +14,5 @@ DEMO_STATS = ASSETS / "stats.json"
 #: How the shipped model was produced and what was measured on it.
 DEMO_RECIPE = ASSETS / "recipe.json"
 
+#: Copies of the top-level prompts/ lists the demo uses, shipped in the wheel (tests keep them identical).
+DEMO_PROMPTS_DIR = ASSETS / "prompts"
