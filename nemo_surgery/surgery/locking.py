@@ -132,6 +132,9 @@ class PathLock:
         if self.what == "input":
             return (f"{self.path}: another apply is editing it in place{who}; wait for it to finish, "
                     "then rerun")
+        if self.what == "checkpoint":
+            return (f"{self.path}: another nemo-surgery apply is reading or editing it{who}; wait for it "
+                    "to finish, then rerun")
         return (f"{self.path}: another nemo-surgery apply is writing it{who}; wait for it to finish "
                 "or choose another --out")
 
