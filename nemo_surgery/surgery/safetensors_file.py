@@ -9,7 +9,6 @@ relative to the data buffer. Everything here is pure except ``read_header`` and
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,10 @@ ZEROABLE_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 #: Largest header we accept (the safetensors library's own limit).
 MAX_HEADER_BYTES = 100_000_000
+#: Most dimensions a tensor may have (real checkpoints use at most 5).
+MAX_DIMS = 32
+#: Largest shape dimension, tensor count or offset (beyond anything a file can hold).
+MAX_INT = 1 << 62
 
 METADATA_KEY = "__metadata__"
 
@@ -91,6 +94,33 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _small_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """Bytes a tensor of this shape needs, or None as soon as the product exceeds limit (bounded work)."""
+    total = itemsize
+    for d in shape:
+        total *= d
+        if total > limit:
+            return None if 0 not in shape else 0
+    return total
+
+
 def parse_header(prefix: bytes, header_json: bytes, file_size: int, name: str = "<file>") -> Header:
     """Validate a header given its 8-byte prefix, its JSON bytes and the file size.
 
@@ -116,7 +146,9 @@ def parse_header(prefix: bytes, header_json: bytes, file_size: int, name: str = 
     try:
         doc = json.loads(header_json.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise bad(f"header is not valid JSON: {exc}") from None
+        raise bad(f"header is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise bad("header JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise bad("header is not a JSON object")
     metadata = doc.pop(METADATA_KEY, None)
@@ -125,28 +157,30 @@ def parse_header(prefix: bytes, header_json: bytes, file_size: int, name: str = 
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise bad("__metadata__ must map strings to strings")
+        if not all(_utf8(k) and _utf8(v) for k, v in metadata.items()):
+            raise bad("__metadata__ holds a string that is not valid Unicode (lone surrogate)")
     data_len = file_size - 8 - n
     tensors: dict[str, TensorInfo] = {}
     for key, entry in doc.items():
+        shown = key[:80] if _utf8(key) else repr(key[:80])
+        if not _utf8(key):
+            raise bad(f"tensor name {shown} is not valid Unicode (lone surrogate)")
         if not isinstance(entry, dict):
-            raise bad(f"entry {key!r} is not an object")
+            raise bad(f"entry {shown!r} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
-            raise bad(f"{key}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise bad(f"{key}: shape must be a list of non-negative integers")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        ):
-            raise bad(f"{key}: data_offsets must be two integers")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise bad(f"{shown}: unknown dtype {_short(dtype)}")
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_small_int(d) for d in shape):
+            raise bad(f"{shown}: shape must be a list of at most {MAX_DIMS} non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_small_int(o) for o in offsets):
+            raise bad(f"{shown}: data_offsets must be two non-negative integers")
         begin, end = offsets
-        if not 0 <= begin <= end <= data_len:
-            raise bad(f"{key}: data_offsets [{begin}, {end}] outside the {data_len}-byte data buffer")
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
-        if end - begin != expected:
-            raise bad(f"{key}: span {end - begin} bytes but shape {shape} x {dtype} needs {expected}")
+        if not begin <= end <= data_len:
+            raise bad(f"{shown}: data_offsets [{begin}, {end}] outside the {data_len}-byte data buffer")
+        expected = _nbytes(shape, DTYPE_SIZES[dtype], MAX_INT)
+        if expected is None or end - begin != expected:
+            need = f"{expected}" if expected is not None else f"over {MAX_INT} bytes"
+            raise bad(f"{shown}: span {end - begin} bytes but shape {_short(shape)} x {dtype} needs {need}")
         tensors[key] = TensorInfo(key, dtype, tuple(shape), begin, end)
     cursor = 0
     for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
