@@ -161,3 +161,70 @@ def test_folder_output_inside_input_and_broken_shard_index(tmp_path: Path) -> No
     with pytest.raises(InputError, match="corrupt shard index"):
         run_apply(src, ns)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "set.json"]
+
+
+def test_header_dtype_that_is_a_list(tmp_path: Path) -> None:
+    from nemo_surgery.surgery.safetensors_file import read_header
+
+    good = write_ldm_file(tmp_path / "good.safetensors")
+    h = read_header(good)
+    doc = json.loads(h.raw_json)
+    doc[REAL_LAYER_LDM_KEY]["dtype"] = ["F32"]
+    body = json.dumps(doc).encode()
+    bad = tmp_path / "bad.safetensors"
+    raw = good.read_bytes()
+    bad.write_bytes(len(body).to_bytes(8, "little") + body + raw[h.data_start:])
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    with pytest.raises(InputError, match=r"unknown dtype \['F32'\]") as info:
+        run_apply(bad, ns)
+    assert "\n" not in str(info.value)
+
+
+REAL_LAYER_LDM_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
+
+
+@pytest.mark.parametrize("kind", ["devnull", "fifo"])
+def test_device_or_fifo_as_checkpoint(tmp_path: Path, kind: str) -> None:
+    import os
+
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    path = Path("/dev/null")
+    if kind == "fifo":
+        path = tmp_path / "pipe.safetensors"
+        os.mkfifo(path)
+    with pytest.raises(InputError, match="not a regular file or folder") as info:
+        run_apply(path, ns)
+    assert "\n" not in str(info.value)
+
+
+def test_output_path_under_a_regular_file(tmp_path: Path) -> None:
+    src = write_ldm_file(tmp_path / "m.safetensors")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    with pytest.raises(InputError, match=r"is a file, not a folder"):
+        run_apply(src, ns, out=tmp_path / "set.json" / "sub" / "x.safetensors")
+    _nothing_written(tmp_path, {"m.safetensors", "set.json"})
+
+
+def test_read_only_output_folder(tmp_path: Path) -> None:
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from nemo_surgery.cli.main import main
+
+    src = write_ldm_file(tmp_path / "m.safetensors")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here (needs root on a filesystem with attributes)")
+    try:
+        with pytest.raises(NemoError, match="cannot write there") as info:
+            run_apply(src, ns, out=locked / "x.safetensors")
+        assert info.value.exit_code == 1
+        run = CliRunner().invoke(main, ["apply", str(src), "--neurons", str(ns), "--out", str(locked / "x.safetensors")])
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        assert run.exit_code == 1 and len(lines) == 1 and "cannot write there" in lines[0], run.stderr
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert list(locked.iterdir()) == []
