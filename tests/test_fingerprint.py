@@ -1,0 +1,60 @@
+"""The weights fingerprint: computed from stored bytes, equal for a diffusers UNet and a single file of the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nemo_surgery.keymap import SD_LAYERS_PER_BLOCK, diffusers_to_ldm, diffusers_weight_key, ldm_weight_key
+from nemo_surgery.surgery.discover import discover
+from nemo_surgery.surgery.fingerprint import PREFIX, source_fingerprints, weights_fingerprint
+from tests.checkpoint_fixtures import layer_shapes, unet_state, write_pipeline
+
+
+def _as_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights under single-file (LDM) names, plus tensors the fingerprint must ignore."""
+    out = {"model.diffusion_model.input_blocks.0.0.weight": state["conv_in.weight"],
+           "first_stage_model.decoder.conv_in.weight": torch.ones(2, 2)}
+    for lid in layer_shapes():
+        ldm = diffusers_to_ldm(lid, SD_LAYERS_PER_BLOCK)
+        out[ldm_weight_key(ldm)] = state[diffusers_weight_key(lid)]
+        out[f"model_ema.diffusion_model{ldm.replace('.', '')}weight"] = torch.zeros(1)  # EMA copies are not covered
+    return out
+
+
+def test_single_file_and_diffusers_unet_agree(tmp_path: Path) -> None:
+    state = unet_state("fp16")
+    save_file(state, str(tmp_path / "unet.safetensors"))
+    save_file(_as_ldm(state), str(tmp_path / "single.safetensors"))
+    a = weights_fingerprint(tmp_path / "unet.safetensors")
+    b = weights_fingerprint(tmp_path / "single.safetensors")
+    assert a is not None and a.startswith(PREFIX) and a == b
+    pipe = write_pipeline(tmp_path / "pipe", "fp16")
+    assert weights_fingerprint(pipe) == a
+
+
+def test_other_weights_or_dtype_change_it(tmp_path: Path) -> None:
+    state = unet_state("fp32")
+    save_file(state, str(tmp_path / "a.safetensors"))
+    changed = dict(state)
+    key = diffusers_weight_key(next(iter(layer_shapes())))
+    changed[key] = changed[key].clone()
+    changed[key][5, 0] += 1
+    save_file(changed, str(tmp_path / "b.safetensors"))
+    save_file({k: v.half() for k, v in state.items()}, str(tmp_path / "c.safetensors"))
+    untouched = dict(state)
+    untouched["time_embedding.linear_1.weight"] = untouched["time_embedding.linear_1.weight"] + 1  # not covered
+    save_file(untouched, str(tmp_path / "d.safetensors"))
+    fps = [weights_fingerprint(tmp_path / f"{n}.safetensors") for n in "abcd"]
+    assert len({fps[0], fps[1], fps[2]}) == 3
+    assert fps[3] == fps[0]
+
+
+def test_variants_of_a_folder_each_have_one(tmp_path: Path) -> None:
+    pipe = write_pipeline(tmp_path / "pipe", "fp32", variants=(None, "fp16"))
+    fps = source_fingerprints(discover(pipe))
+    assert len(fps) == 2 and len(set(fps)) == 1  # the fixture writes the same fp32 state under both names
+    sharded = write_pipeline(tmp_path / "sharded", "fp32", shards=3)
+    assert source_fingerprints(discover(sharded)) == fps[:1]
