@@ -217,7 +217,8 @@ def _expected_data(fp) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("chunk", [7, 100, 777, 1 << 20])
+# 100: a 1536-byte zeroed row spans 16 chunks (chunk 7 took minutes on 2 busy cores and covered nothing more)
+@pytest.mark.parametrize("chunk", [100, 777, 1 << 20])
 def test_streamed_copy_with_chunk_borders_inside_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     from nemo_surgery.surgery import streaming
     from nemo_surgery.surgery.patch import write_patched_copy
