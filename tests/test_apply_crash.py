@@ -213,3 +213,19 @@ def test_cli_ctrl_c_during_in_place_prints_the_truth(tmp_path: Path, ckpt: tuple
     assert "no output was half-written" not in err
     assert "some rows may still be unzeroed" in err and "rerun the same command" in " ".join(lines)
     assert pending_edit(src) is not None
+
+
+def test_signal_during_publish_waits_for_the_renames(tmp_path: Path, ckpt: tuple[Path, Path]) -> None:
+    src, ns = ckpt
+    proc = _start(tmp_path, src, ns, pause="commit-journaled")
+    marker = _wait_paused(tmp_path, proc, "commit-journaled")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert proc.poll() is None, "a signal in the middle of the renames is held until they are done"
+    marker.with_name(marker.name + ".go").touch()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "were published; nothing to redo" in err
+    out = tmp_path / "m-nemo.safetensors"
+    report = json.loads((tmp_path / "m-nemo.safetensors.report.json").read_text())
+    assert report["files"][0]["sha256_out"] == sha256_file(out)
+    assert _leftovers(tmp_path) == []

@@ -198,13 +198,25 @@ def term_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (a few renames that must not be cut); main thread only."""
+    """Hold Ctrl-C and SIGTERM until the block ends (a few renames that must not be cut); main thread only.
+
+    The signals are caught by Python handlers that only take note (signal masks
+    would not do: the kernel may deliver to another thread); on leaving the
+    block the old handlers return and a noted signal raises KeyboardInterrupt.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        noted.append(signum)
+
+    old = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if noted:
+        raise KeyboardInterrupt
