@@ -80,3 +80,31 @@ def test_outputs_respect_the_umask_like_cp(tmp_path: Path, umask_027: None) -> N
     os.chmod(doc, 0o604)
     write_json(doc, {"a": 2})
     assert _mode(doc) == 0o604, "replacing a file keeps its mode, as a shell redirection does"
+
+
+def test_run_apply_takes_an_already_parsed_set(tmp_path: Path) -> None:
+    from nemo_surgery.neuron_set import load_neuron_set
+    from nemo_surgery.provenance import sha256_file
+    from tests.checkpoint_fixtures import REAL_LAYER
+
+    src = write_ldm_file(tmp_path / "m.safetensors", "fp16")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    parsed = load_neuron_set(ns)
+    parsed.layers = [layer for layer in parsed.layers if layer.id == REAL_LAYER]  # the object, not the file, is applied
+    result = run_apply(src, ns, neuron_set=parsed)
+    assert result.rows_zeroed == len(DEFAULT_NEURONS[REAL_LAYER])
+    assert result.to_json()["neuron_set"] == {"path": str(ns), "sha256": sha256_file(ns)}
+    assert run_apply(src, ns, out=tmp_path / "b.safetensors").rows_zeroed == 22  # the path-only call still works
+
+
+def test_no_assert_statements_in_surgery() -> None:
+    """Runtime checks must survive `python -O` (issue 8: patch.py relied on an assert)."""
+    import ast
+
+    import nemo_surgery.surgery as surgery
+
+    found = []
+    for path in Path(surgery.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found += [f"{path.name}:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+    assert found == []
