@@ -92,7 +92,7 @@ def test_run_apply_takes_an_already_parsed_set(tmp_path: Path) -> None:
     parsed = load_neuron_set(ns)
     parsed.layers = [layer for layer in parsed.layers if layer.id == REAL_LAYER]  # the object, not the file, is applied
     result = run_apply(src, ns, neuron_set=parsed)
-    assert result.rows_zeroed == len(DEFAULT_NEURONS[REAL_LAYER])
+    assert result.rows_zeroed == 2 * len(DEFAULT_NEURONS[REAL_LAYER])  # the value weight and its EMA copy
     assert result.to_json()["neuron_set"] == {"path": str(ns), "sha256": sha256_file(ns)}
     assert run_apply(src, ns, out=tmp_path / "b.safetensors").rows_zeroed == 22  # the path-only call still works
 
