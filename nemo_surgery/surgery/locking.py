@@ -109,9 +109,8 @@ class PathLock:
             except OSError as exc:
                 if self.shared and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                     return self  # a read-only input folder: no writer can lock it either
-                raise NemoError(
-                    f"{self.path.parent}: cannot write there ({exc.strerror}); choose a writable --out"
-                ) from None
+                hint = "choose a writable --out" if self.what == "output" else "apply without --in-place"
+                raise NemoError(f"{self.path.parent}: cannot write there ({exc.strerror}); {hint}") from None
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
