@@ -40,6 +40,33 @@ def device_options(f: Callable) -> Callable:
                         help=f"One of {', '.join(DEVICES)} (or cuda:N); auto picks cuda, then mps, then cpu.")(f)
 
 
+_CONFIG_KEY = "nemo_surgery.model_config"
+
+#: --help text of --model where single files are accepted.
+MODEL_HELP = ("Diffusers pipeline folder, single-file .safetensors checkpoint (with --config), or hub id "
+              "(read from the local Hugging Face cache only; nothing is downloaded). Default: the embedded demo model.")
+
+
+def _remember_config(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+    ctx.meta[_CONFIG_KEY] = value
+
+
+def model_config_option(f: Callable) -> Callable:
+    """Add --config DIR (diffusers config folder for a single-file --model); read it back with model_config()."""
+    return click.option(
+        "--config", "model_config", type=click.Path(file_okay=False, path_type=str), default=None, expose_value=False,
+        callback=_remember_config,
+        help="With a single-file --model: a local diffusers folder of the same model type (configs and tokenizer; "
+             "weights not needed). Without it the default config must be in the local Hugging Face cache.",
+    )(f)
+
+
+def model_config() -> str | None:
+    """The --config value of the running command (None when not given or not offered)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(_CONFIG_KEY) if ctx is not None else None
+
+
 def _fail(message: str, exit_code: int, as_json: bool, kind: str, details: dict[str, Any] | None = None) -> None:
     """Print a one-line error on stderr (and, with --json, as a JSON object on stdout); exit."""
     console.quiet = False

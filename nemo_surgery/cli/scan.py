@@ -6,9 +6,16 @@ from pathlib import Path
 
 import click
 
-from nemo_surgery.cli.common import device_options, emit_json, json_option, quiet_option, run_command
-
-MODEL_HELP = "Diffusers pipeline folder or hub id (cache only, offline). Default: the embedded demo model."
+from nemo_surgery.cli.common import (
+    MODEL_HELP,
+    device_options,
+    emit_json,
+    json_option,
+    model_config,
+    model_config_option,
+    quiet_option,
+    run_command,
+)
 
 
 def model_options(f):
@@ -16,6 +23,7 @@ def model_options(f):
     f = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
                      help="Most UNet samples per forward call (lower it when memory is short).")(f)
     f = device_options(f)
+    f = model_config_option(f)
     f = click.option("--model", "-m", "model", default=None, help=MODEL_HELP)(f)
     return f
 
@@ -26,7 +34,7 @@ def _load(model, device, dtype):
     from nemo_surgery.engine.model import load_model
 
     with console.status("loading model"):
-        return load_model(model if model is not None else DEMO_MODEL_DIR, device=device, dtype=dtype)
+        return load_model(model if model is not None else DEMO_MODEL_DIR, device=device, dtype=dtype, config=model_config())
 
 
 def _default_stats_path(model: str | None) -> Path:

@@ -246,11 +246,15 @@ def load_model(
     device: str = "auto",
     dtype: str = "fp32",
     with_vae: bool = False,
+    config: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a pipeline from a local diffusers folder or a hub id (cache works offline).
+    """Load a pipeline from a local diffusers folder, a single .safetensors file or a hub id; never downloads.
 
-    The VAE is skipped unless
-    ``with_vae`` (full sampling needs it; scanning does not).
+    A hub id is read from the local Hugging Face cache only (``local_files_only``).
+    A single file is converted by diffusers' ``from_single_file`` with ``config``
+    (a local diffusers config folder) or the cached default config
+    (engine/single_file.py). The VAE is skipped unless ``with_vae`` (full sampling
+    needs it; scanning does not).
     """
     from diffusers import DiffusionPipeline
 
@@ -258,9 +262,18 @@ def load_model(
     path = Path(source).expanduser()
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     local = path.exists() or source.startswith((".", "/", "~"))
+    config_dir = Path(config).expanduser() if config is not None else None
+    if path.is_file():
+        from nemo_surgery.engine.single_file import load_single_file
+
+        with _quiet_diffusers():
+            pipe = load_single_file(path, config_dir, torch_dtype, with_vae)
+        return _finish(pipe, source, torch_device, torch_dtype, dtype)
+    if config_dir is not None:
+        raise InputError(f"--config {config_dir}: only used with a single-file --model (a .safetensors file)")
     if local:
         _check_local_pipeline(path)
-    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False, "local_files_only": True}
     if not with_vae:
         extra["vae"] = None
     try:
@@ -273,9 +286,14 @@ def load_model(
         if local:
             raise InputError(f"{path}: could not load the pipeline ({first[:200]})") from None
         raise InputError(
-            f"{source}: not a local folder and not loadable from the hub or its local cache ({first[:160]}); "
-            "download it first or pass a local pipeline folder"
+            f"{source}: not a local folder and not in the local Hugging Face cache ({first[:160]}); "
+            "download it first (e.g. `hf download ID`) or pass a local pipeline folder"
         ) from None
+    return _finish(pipe, source, torch_device, torch_dtype, dtype)
+
+
+def _finish(pipe: Any, source: str, torch_device: torch.device, torch_dtype: torch.dtype, dtype: str) -> LoadedModel:
+    """Check the parts scanning needs, move to the device, freeze, and wrap the pipeline."""
     for part in ("unet", "text_encoder", "tokenizer"):
         if getattr(pipe, part, None) is None:
             raise InputError(f"{source}: pipeline has no {part}; nemo-surgery needs a Stable Diffusion pipeline")
