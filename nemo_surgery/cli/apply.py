@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from nemo_surgery.cli.common import emit_json, json_option, quiet_option, run_command
+from nemo_surgery.cli.common import emit_json, json_option, quiet_option, run_command, unet_calls_text
 from nemo_surgery.cli.verify import print_summary, verify_options
-from nemo_surgery.console import console, info
+from nemo_surgery.console import console, info, stage_status
 from nemo_surgery.surgery.apply import ApplyResult
 from nemo_surgery.verify.options import VerifyOptions
 
@@ -60,7 +60,7 @@ def apply_command(
     from nemo_surgery.workflow import apply_and_verify
 
     options = None if no_verify else VerifyOptions.from_values(verify_values)
-    status = console.status("verifying")
+    status = stage_status("verifying", unet_calls_text)
     try:
         done = apply_and_verify(ckpt, neurons, out=out, in_place=in_place, dry_run=dry_run, force=force,
                                 verify=options, applied=_print_plan,

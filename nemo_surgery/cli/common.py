@@ -67,6 +67,13 @@ def model_config() -> str | None:
     return ctx.meta.get(_CONFIG_KEY) if ctx is not None else None
 
 
+def unet_calls_text() -> str:
+    """Live progress text: UNet forward calls made so far in this process (all loaded models)."""
+    from nemo_surgery.engine.model import LoadedModel
+
+    return f"{LoadedModel.all_unet_calls} UNet calls"
+
+
 def _fail(message: str, exit_code: int, as_json: bool, kind: str, details: dict[str, Any] | None = None) -> None:
     """Print a one-line error on stderr (and, with --json, as a JSON object on stdout); exit."""
     console.quiet = False

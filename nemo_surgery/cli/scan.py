@@ -15,6 +15,7 @@ from nemo_surgery.cli.common import (
     model_config_option,
     quiet_option,
     run_command,
+    unet_calls_text,
 )
 
 
@@ -87,7 +88,7 @@ def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompt
     settings = ScoreSettings(seeds=seeds, seed=seed, inference_steps=inference_steps,
                              timestep_index=timestep_index, guidance_scale=guidance_scale,
                              ssim=SSIMConfig.fit(h, w))
-    with progress("hold-out prompts", len(prompts)) as advance:
+    with progress("hold-out prompts", len(prompts), live=unet_calls_text) as advance:
         result = compute_stats(loaded, [p.text for p in prompts], settings, batch_size, advance, dtype)
     result.save(out)
     info(f"tau = {result.tau:.4f} from {result.pairwise.count} pairwise scores of {result.prompt_count} prompts; "
@@ -138,7 +139,7 @@ def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, la
             raise InputError(f"the embedded demo model's statistics are missing ({stats_path}); reinstall, or pass --model and --stats")
     stats = load_stats(stats_path)
     loaded = _load(model, device, dtype)
-    with progress("prompts", len(prompts)) as advance:
+    with progress("prompts", len(prompts), live=unet_calls_text) as advance:
 
         def on_result(res):
             if res.truncated:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from nemo_surgery.cli.common import device_options, emit_json, json_option, quiet_option, run_command
+from nemo_surgery.cli.common import device_options, emit_json, json_option, quiet_option, run_command, unet_calls_text
 from nemo_surgery.verify.options import VerifyOptions, option_fields
 
 
@@ -46,10 +46,10 @@ verify_options = options_from("input", "tuning", "device")
 
 def run_with_status(original, pruned, neurons, options: VerifyOptions, inputs=None):
     """Run verification with a status line on stderr; print the summary table and the verdict."""
-    from nemo_surgery.console import console
+    from nemo_surgery.console import stage_status
     from nemo_surgery.verify.run import run_verify
 
-    with console.status("verifying") as status:
+    with stage_status("verifying", unet_calls_text) as status:
         result = run_verify(original, pruned, neurons, options, stage=lambda text: status.update(f"verify: {text}"),
                             inputs=inputs)
     print_summary(result)

@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -80,6 +80,20 @@ class LoadedModel:
     source: str
     device: torch.device
     dtype: torch.dtype
+    #: UNet forward calls made on this model so far (counted by a pre-hook; shown by progress bars).
+    unet_calls: int = field(default=0, init=False)
+
+    #: UNet forward calls over every model loaded in this process.
+    all_unet_calls: ClassVar[int] = 0
+
+    def __post_init__(self) -> None:
+        unet = getattr(self.pipe, "unet", None)
+        if unet is not None:
+            unet.register_forward_pre_hook(self._count_call)
+
+    def _count_call(self, _module: Any, _args: Any) -> None:
+        self.unet_calls += 1
+        LoadedModel.all_unet_calls += 1
 
     @property
     def unet(self) -> torch.nn.Module:
