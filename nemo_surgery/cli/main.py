@@ -11,6 +11,7 @@ import click
 from nemo_surgery import __version__
 from nemo_surgery.cli.apply import apply_command
 from nemo_surgery.cli.common import EXIT_HELP
+from nemo_surgery.cli.merge import merge_command
 from nemo_surgery.cli.scan import scan_cmd, stats_cmd
 from nemo_surgery.cli.verify import verify_command
 
@@ -28,5 +29,5 @@ def main() -> None:
     """
 
 
-for _command in (stats_cmd, scan_cmd, apply_command, verify_command):
+for _command in (stats_cmd, scan_cmd, apply_command, verify_command, merge_command):
     main.add_command(_command)

@@ -8,7 +8,8 @@ has score(F) < tau and score(F minus n) >= tau for every n in F, re-measured):
 * ``split`` (default): adaptive splitting of the z-ordered candidates (find
   the shortest mitigating prefix with several probes per oracle call, keep its
   last neuron, repeat on the part before it), then a certification call;
-  O(|F| log |C|) scored sets instead of O(|C|).
+  O(|F| log |C|) scored sets instead of O(|C|). A candidate set no larger than
+  one call's width goes straight to certification.
 * ``greedy``: NeMo's layer-wise then neuron-wise greedy drop, with the next
   decisions speculated in one oracle call (same result as sequential), and
   repeated until a pass drops nothing.
@@ -173,6 +174,8 @@ def refine(
 ) -> tuple[torch.Tensor, float]:
     """Reduce a mitigating set (``score`` < tau) to a 1-minimal one with ``strategy``; return it and its score."""
     if strategy == "split":
+        if int(blocked.sum()) <= width:  # all one-removals fit one call: certify directly
+            return certify(blocked, oracle, tau, score)
         found, found_score = split_search(blocked, z, oracle, tau, width, score)
         return certify(found, oracle, tau, found_score)
     if strategy == "reference":
