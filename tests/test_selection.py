@@ -108,7 +108,7 @@ def test_split_search_stops_when_the_kept_neurons_mitigate():
 def test_probe_positions():
     assert probe_positions(0, 4, 8) == [1, 2, 3]
     assert probe_positions(-1, 3, 8) == [0, 1, 2]
-    assert probe_positions(0, 100, 4) == [20, 40, 60, 80]
+    assert probe_positions(0, 100, 4) == [3, 6, 16, 40]  # geometric: short prefixes are found in one call
     assert probe_positions(-1, 100, 4)[0] == 0 and len(probe_positions(-1, 100, 4)) == 4
     assert probe_positions(10, 11, 4) == []
 

@@ -234,19 +234,26 @@ def priority_order(blocked: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def probe_positions(lo: int, hi: int, width: int) -> list[int]:
-    """Up to ``width`` prefix lengths strictly between ``lo`` and ``hi`` that split the gap evenly.
+    """Up to ``width`` prefix lengths strictly between ``lo`` and ``hi``, spaced geometrically from ``lo``.
 
-    ``lo`` = -1 means "the empty prefix is not known to fail": 0 is then
-    always probed, since at the end of a search the kept neurons often
-    mitigate on their own.
+    Geometric spacing finds a short prefix (a good z-ordering puts the needed
+    neurons first) in one or two calls and still shrinks a long gap by about
+    a factor ``width + 1`` in log scale per call. ``lo`` = -1 means "the empty
+    prefix is not known to fail": 0 is then probed first, since at the end of
+    a search the kept neurons often mitigate on their own.
     """
     first = lo + 1
-    gap = hi - first  # candidate positions first .. hi-1
-    if gap <= width:
+    if hi - first <= width:
         return list(range(first, hi))
     if lo < 0:
         return [0] + probe_positions(0, hi, width - 1) if width > 1 else [0]
-    return sorted({lo + max(1, round((hi - lo) * k / (width + 1))) for k in range(1, width + 1)} - {hi})
+    ratio = (hi - lo) ** (1.0 / (width + 1))
+    out: list[int] = []
+    for k in range(1, width + 1):
+        p = max(lo + round(ratio**k), (out[-1] + 1) if out else first)
+        if p < hi:
+            out.append(p)
+    return out
 
 
 def split_search(
@@ -259,7 +266,9 @@ def split_search(
     (``kept | rest`` mitigates, measured), find the shortest prefix of ``rest``
     that mitigates together with ``kept``, probing ``width`` prefix lengths per
     oracle call; its last neuron joins ``kept`` and ``rest`` shrinks to the part
-    before it. Stops when ``kept`` mitigates alone. Every accepted set was
+    before it. Stops when ``kept`` mitigates alone, or when ``kept`` plus the
+    prefix has at most ``width`` neurons (then it is returned whole and
+    certification decides, in one call, which of them are needed). Every accepted set was
     measured, so the result mitigates even when the score is not monotone;
     :func:`certify` then proves 1-minimality.
     """
@@ -267,7 +276,7 @@ def split_search(
     kept = torch.zeros_like(blocked)
     while rest.numel():
         lo, hi, hi_score = (0 if not kept.any() else -1), rest.numel(), score
-        while hi - lo > 1:
+        while hi - lo > 1 and int(kept.sum()) + hi > width:
             positions = probe_positions(lo, hi, width)
             masks = kept.repeat(len(positions), 1)
             for row, p in enumerate(positions):
@@ -278,6 +287,9 @@ def split_search(
                 hi, hi_score = passing[0]
             lo = max([lo] + [p for p in positions if p < hi])
         score = hi_score
+        if 0 < hi and int(kept.sum()) + hi <= width:  # fits one certification call: stop splitting
+            kept[rest[:hi]] = True
+            break
         if hi == 0:
             break
         kept[rest[hi - 1]] = True
