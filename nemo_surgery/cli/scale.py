@@ -24,6 +24,27 @@ def stats_scale_options(f: Callable) -> Callable:
     return shard_option(f)
 
 
+class BatchSize(click.ParamType):
+    """--batch-size: a positive integer, or 'auto' (returned as 0: chosen from free GPU memory after loading)."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value in (0, "auto"):
+            return 0
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a positive integer or 'auto'", param, ctx)
+        if n < 1:
+            self.fail(f"{n} is not a positive integer or 'auto'", param, ctx)
+        return n
+
+
+BATCH_HELP = ("Most UNet samples per forward call; auto: from free GPU memory (a probe forward measures the memory "
+              "per sample), 32 on CPU/MPS.")
+
+
 def open_shard(spec: str | None):
     """This process's shard (launcher, --shard or single); non-main processes of a launched job go quiet."""
     from nemo_surgery.console import set_quiet

@@ -17,12 +17,12 @@ from nemo_surgery.cli.common import (
     run_command,
     unet_calls_text,
 )
+from nemo_surgery.cli.scale import BATCH_HELP, BatchSize, open_shard, shard_option, stats_scale_options
 
 
 def model_options(f):
     """--model, --device, --dtype and --batch-size, shared by stats and scan."""
-    f = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
-                     help="Most UNet samples per forward call (lower it when memory is short).")(f)
+    f = click.option("--batch-size", default="auto", show_default=True, type=BatchSize(), help=BATCH_HELP)(f)
     f = device_options(f)
     f = model_config_option(f)
     f = click.option("--model", "-m", "model", default=None, help=MODEL_HELP)(f)
@@ -58,11 +58,12 @@ def _default_stats_path(model: str | None) -> Path:
 @click.option("--guidance", "guidance_scale", default=0.0, show_default=True,
               help="Guidance scale of the scored prediction; <= 1 means text-conditional only.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@stats_scale_options
 @quiet_option
 @json_option
 @run_command
 def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompts, seeds, seed,
-              inference_steps, timestep_index, guidance_scale, force, quiet, as_json):
+              inference_steps, timestep_index, guidance_scale, force, shard_spec, resume, block_size, quiet, as_json):
     """Calibrate tau and neuron statistics on HOLDOUT (non-memorized prompts).
 
     HOLDOUT is a prompt list: UTF-8 text (one per line, # comments), or CSV/JSONL
@@ -70,10 +71,11 @@ def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompt
     the UNet's first-step prediction for tau, with exactly the detection settings.
     """
     from nemo_surgery.console import info, progress
+    from nemo_surgery.engine.batching import resolve_batch_size
     from nemo_surgery.engine.prompts import read_prompts
     from nemo_surgery.engine.score import ScoreSettings
     from nemo_surgery.engine.ssim import SSIMConfig
-    from nemo_surgery.engine.stats import compute_stats
+    from nemo_surgery.engine.stats_parts import run_stats
     from nemo_surgery.errors import InputError
 
     prompts = read_prompts(holdout, column)
@@ -83,14 +85,21 @@ def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompt
         raise InputError(f"{holdout}: at least 2 hold-out prompts are needed to estimate a spread")
     if out.exists() and not force:
         raise InputError(f"{out}: exists; pass --force to overwrite it")
-    loaded = _load(model, device, dtype)
+    shard = open_shard(shard_spec)
+    loaded = _load(model, shard.device(device), dtype)
     _, h, w = loaded.latent_shape
     settings = ScoreSettings(seeds=seeds, seed=seed, inference_steps=inference_steps,
                              timestep_index=timestep_index, guidance_scale=guidance_scale,
                              ssim=SSIMConfig.fit(h, w))
+    batch_size = resolve_batch_size(batch_size, loaded, guidance_scale, seeds)
     with progress("hold-out prompts", len(prompts), live=unet_calls_text) as advance:
-        result = compute_stats(loaded, [p.text for p in prompts], settings, batch_size, advance, dtype)
-    result.save(out)
+        run = run_stats(loaded, [p.text for p in prompts], settings, out, shard, batch_size, block_size, resume,
+                        dtype, advance)
+    if run.stats is None:
+        info(f"shard {shard.index} of {shard.count}: {run.computed} block(s) computed, {run.resumed} resumed, in "
+             f"{run.parts}; combine the shards' part folders with `nemo-surgery merge PARTS... --out {out}`")
+        return 0
+    result = run.stats
     info(f"tau = {result.tau:.4f} from {result.pairwise.count} pairwise scores of {result.prompt_count} prompts; "
          f"{result.holdout_flagged} hold-out prompt(s) would be flagged as memorized")
     info(f"SSIM: {settings.ssim.scales} scale(s), window {settings.ssim.kernel_size} for {h}x{w} latents")
@@ -113,19 +122,25 @@ def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompt
 @click.option("--column", default="prompt", show_default=True, help="Prompt column of a CSV/JSONL file.")
 @click.option("--resume", is_flag=True, help="Skip prompts already in the records file and continue.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output and records file.")
+@click.option("--search", default="split", show_default=True, type=click.Choice(["split", "greedy", "reference"]),
+              help="Refinement: adaptive splitting (fewest UNet calls), speculative greedy, or NeMo's sequential order.")
+@shard_option
 @quiet_option
 @json_option
 @run_command
 def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, layers, column, resume, force,
-             quiet, as_json):
+             search, shard_spec, quiet, as_json):
     """Find the neurons that trigger memorization for each prompt in PROMPTS and merge them.
 
     Exit code 0 when every memorized prompt was mitigated (or none was
     memorized), 3 when some memorized prompt could not be mitigated.
     """
     from nemo_surgery.console import console, progress, warn
+    from nemo_surgery.engine.batching import resolve_batch_size
     from nemo_surgery.engine.prompts import read_prompts
-    from nemo_surgery.engine.scan import check_outputs, run_scan
+    from nemo_surgery.engine.scan import check_outputs
+    from nemo_surgery.engine.scan_parts import run_sharded_scan
+    from nemo_surgery.engine.selection import SelectionSettings
     from nemo_surgery.engine.stats import load_stats
     from nemo_surgery.errors import InputError
 
@@ -138,16 +153,21 @@ def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, la
         if not stats_path.is_file():
             raise InputError(f"the embedded demo model's statistics are missing ({stats_path}); reinstall, or pass --model and --stats")
     stats = load_stats(stats_path)
-    loaded = _load(model, device, dtype)
-    with progress("prompts", len(prompts), live=unet_calls_text) as advance:
+    shard = open_shard(shard_spec)
+    loaded = _load(model, shard.device(device), dtype)
+    batch_size = resolve_batch_size(batch_size, loaded, stats.settings.guidance_scale, stats.settings.seeds)
+    with progress("prompts", len(shard.take(prompts)), live=unet_calls_text) as advance:
 
         def on_result(res):
             if res.truncated:
                 warn(f"prompt {res.index} is longer than {loaded.max_tokens} tokens and was truncated")
             advance()
 
-        summary = run_scan(loaded, stats, stats_path, prompts, out, layers=layers, batch_size=batch_size,
-                           resume=resume, force=force, on_result=on_result)
+        summary = run_sharded_scan(loaded, stats, stats_path, prompts, out, shard, layers=layers, batch_size=batch_size,
+                                   resume=resume, force=force, on_result=on_result,
+                                   selection=SelectionSettings(strategy=search))
+    if shard.launched and not shard.is_main:
+        return 0
     _print_summary(summary, console)
     if as_json:
         emit_json(summary.to_json())

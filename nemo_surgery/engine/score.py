@@ -141,7 +141,8 @@ class Scorer:
         masks = {}
         if blocked is not None:
             keep = (~blocked).to(self.model.dtype)
-            masks = {layer.id: keep[:, sl] for layer, sl in zip(self.layers, self.slices) if blocked[:, sl].any()}
+            # every scanned layer gets its mask (an all-ones mask is a cheap multiply): no host sync per layer
+            masks = {layer.id: keep[:, sl] for layer, sl in zip(self.layers, self.slices)}
         with ValueMask(self.layers, masks):
             eps = self.model.epsilon(self.model.unet(x, self.timestep, **batch.unet_kwargs()).sample, x, self.timestep)
         self.counter.calls += 1
@@ -209,12 +210,15 @@ class Scorer:
         per_call = max(1, self.batch_size // k)
         lat = self.latents[kept.to(self.latents.device)]
         ref = base[kept.to(base.device)]
+        parts = []  # stay on the device: one copy to the host per oracle call, not per UNet call
         for start in range(0, todo.numel(), per_call):
             idx = todo[start : start + per_call]
-            masks = blocked[idx].to(self.model.device).repeat_interleave(k, dim=0)
+            masks = blocked[idx].to(self.model.device, non_blocking=True).repeat_interleave(k, dim=0)
             deltas = self._predict(cond.repeat(masks.shape[0]), lat.repeat(idx.numel(), 1, 1, 1), masks)
             sims = ms_ssim(ref.repeat(idx.numel(), 1, 1, 1), deltas, self.settings.ssim)
-            out[idx] = sims.view(idx.numel(), k).amax(dim=1).cpu()
+            parts.append(sims.view(idx.numel(), k).amax(dim=1))
+        if parts:
+            out[todo] = torch.cat(parts).float().cpu()
         return out
 
     # -- neuron bookkeeping ---------------------------------------------------------------
