@@ -126,7 +126,7 @@ SCHEMA = Obj(
         "tool_version": Nullable(Str()),
         "model": Nullable(Obj(optional={"fingerprint": Nullable(Str()), "source": Nullable(Str())})),
         "settings": Nullable(Obj()),
-        "prompts": Nullable(ListOf(Obj(optional={"index": Int(0), "prompt": Str(), "memorized": Bool(), "mitigated": Bool()}))),
+        "prompts": Nullable(ListOf(Obj(optional={"index": Int(0), "prompt": Str(), "memorized": Bool(), "mitigated": Nullable(Bool())}))),
         "total_neurons": Int(0),
     },
 )

@@ -75,7 +75,8 @@ def test_stats_file_round_trip_and_fingerprint_guard(planted_stats, planted_mode
     for lid, ls in stats.layers.items():
         torch.testing.assert_close(again.layers[lid].moments.mean, ls.moments.mean)
     doc = json.loads(path.read_text())
-    assert doc["settings"]["ssim"] == {"scales": 1, "kernel_size": 7, "sigma": pytest.approx(0.954545), "k1": 0.01, "k2": 0.03}
+    assert doc["settings"]["ssim"] == {"scales": 1, "kernel_size": 7, "sigma": pytest.approx(0.954545), "k1": 0.01, "k2": 0.03,
+                                       "betas": [1.0], "data_range": None}
     check_stats_match(again, planted_model, path)
     doc["model"]["fingerprint"] = "0" * 64
     other = tmp_path / "other.json"
@@ -84,7 +85,7 @@ def test_stats_file_round_trip_and_fingerprint_guard(planted_stats, planted_mode
         check_stats_match(load_stats(other), planted_model, other)
     broken = tmp_path / "broken.json"
     broken.write_text('{"format": "something else"}')
-    with pytest.raises(InputError, match="not a nemo-surgery statistics file"):
+    with pytest.raises(InputError, match="expected 'nemo-surgery.stats'"):
         load_stats(broken)
 
 

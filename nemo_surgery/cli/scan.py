@@ -38,9 +38,17 @@ def _load(model, device, dtype):
         return load_model(model if model is not None else DEMO_MODEL_DIR, device=device, dtype=dtype, config=model_config())
 
 
-def _default_stats_path(model: str | None) -> Path:
+def _resolve_stats(stats_path: Path | None, model: str | None) -> Path:
+    """--stats as given, or the demo model's statistics when neither --stats nor --model is given."""
     from nemo_surgery.demo.paths import DEMO_STATS
+    from nemo_surgery.errors import InputError
 
+    if stats_path is not None:
+        return stats_path
+    if model is not None:
+        raise InputError("--stats is required with --model; compute it with `nemo-surgery stats HOLDOUT --model M --out STATS`")
+    if not DEMO_STATS.is_file():
+        raise InputError(f"the embedded demo model's statistics are missing ({DEMO_STATS}); reinstall, or pass --model and --stats")
     return DEMO_STATS
 
 
@@ -50,27 +58,31 @@ def _default_stats_path(model: str | None) -> Path:
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Statistics JSON to write.")
 @click.option("--column", default="prompt", show_default=True, help="Prompt column of a CSV/JSONL file.")
 @click.option("--max-prompts", type=click.IntRange(2), default=None, help="Use at most this many hold-out prompts.")
-@click.option("--seeds", default=10, show_default=True, type=click.IntRange(2), help="Seeds per prompt.")
+@click.option("--seeds", default=10, show_default=True, type=click.IntRange(2, 16), help="Seeds per prompt.")
 @click.option("--seed", default=1, show_default=True, help="Seed of the generator that draws the initial noise.")
 @click.option("--steps", "inference_steps", default=50, show_default=True, type=click.IntRange(2), help="DDIM steps.")
 @click.option("--timestep-index", default=1, show_default=True, type=click.IntRange(0),
               help="Which step of the DDIM schedule is scored (1 = the second, as NeMo).")
 @click.option("--guidance", "guidance_scale", default=0.0, show_default=True,
               help="Guidance scale of the scored prediction; <= 1 means text-conditional only.")
+@click.option("--fpr", default=0.05, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Target false-positive rate of the detection rule; its thresholds are calibrated on HOLDOUT for it.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @stats_scale_options
 @quiet_option
 @json_option
 @run_command
 def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompts, seeds, seed,
-              inference_steps, timestep_index, guidance_scale, force, shard_spec, resume, block_size, quiet, as_json):
+              inference_steps, timestep_index, guidance_scale, fpr, force, shard_spec, resume, block_size, quiet, as_json):
     """Calibrate tau and neuron statistics on HOLDOUT (non-memorized prompts).
 
     HOLDOUT is a prompt list: UTF-8 text (one per line, # comments), or CSV/JSONL
     with --column. Runs the text encoder and value layers for the statistics and
-    the UNet's first-step prediction for tau, with exactly the detection settings.
+    the UNet's first-step prediction for tau and the detection thresholds, with
+    exactly the detection settings. The thresholds are calibrated for --fpr;
+    the achieved hold-out false-positive rate is reported with a 95% interval.
     """
-    from nemo_surgery.console import info, progress
+    from nemo_surgery.console import info, progress, warn
     from nemo_surgery.engine.batching import resolve_batch_size
     from nemo_surgery.engine.prompts import read_prompts
     from nemo_surgery.engine.score import ScoreSettings
@@ -94,19 +106,24 @@ def stats_cmd(holdout, model, device, dtype, batch_size, out, column, max_prompt
     batch_size = resolve_batch_size(batch_size, loaded, guidance_scale, seeds)
     with progress("hold-out prompts", len(prompts), live=unet_calls_text) as advance:
         run = run_stats(loaded, [p.text for p in prompts], settings, out, shard, batch_size, block_size, resume,
-                        dtype, advance)
+                        dtype, advance, fpr=fpr)
     if run.stats is None:
         info(f"shard {shard.index} of {shard.count}: {run.computed} block(s) computed, {run.resumed} resumed, in "
              f"{run.parts}; combine the shards' part folders with `nemo-surgery merge PARTS... --out {out}`")
         return 0
     result = run.stats
-    info(f"tau = {result.tau:.4f} from {result.pairwise.count} pairwise scores of {result.prompt_count} prompts; "
-         f"{result.holdout_flagged} hold-out prompt(s) would be flagged as memorized")
+    cal = result.calibration
+    lo, hi = cal.ci
+    info(f"detection at target false-positive rate {fpr:g}: {cal.flagged} of {cal.holdout} hold-out prompts flagged "
+         f"({cal.achieved:.3f}, 95% CI {lo:.3f}-{hi:.3f}); NeMo's rule flags {cal.nemo_flagged}")
+    if cal.warning:
+        warn(cal.warning)
+    info(f"tau = {result.tau:.4f} from {result.pairwise.count} pairwise scores of {result.prompt_count} prompts")
     info(f"SSIM: {settings.ssim.scales} scale(s), window {settings.ssim.kernel_size} for {h}x{w} latents")
     info(f"wrote {out}")
     if as_json:
         emit_json({"out": str(out), "tau": result.tau, "prompts": result.prompt_count,
-                   "holdout_flagged": result.holdout_flagged, "fingerprint": result.fingerprint,
+                   "holdout_flagged": cal.flagged, "detection": cal.to_json(), "fingerprint": result.fingerprint,
                    "ssim": settings.ssim.to_json()})
 
 
@@ -142,16 +159,10 @@ def scan_cmd(prompts_file, model, device, dtype, batch_size, stats_path, out, la
     from nemo_surgery.engine.scan_parts import run_sharded_scan
     from nemo_surgery.engine.selection import SelectionSettings
     from nemo_surgery.engine.stats import load_stats
-    from nemo_surgery.errors import InputError
 
     prompts = read_prompts(prompts_file, column)
     check_outputs(out, resume, force)
-    if stats_path is None:
-        if model is not None:
-            raise InputError("--stats is required with --model; compute it with `nemo-surgery stats HOLDOUT --model M --out STATS`")
-        stats_path = _default_stats_path(model)
-        if not stats_path.is_file():
-            raise InputError(f"the embedded demo model's statistics are missing ({stats_path}); reinstall, or pass --model and --stats")
+    stats_path = _resolve_stats(stats_path, model)
     stats = load_stats(stats_path)
     shard = open_shard(shard_spec)
     loaded = _load(model, shard.device(device), dtype)
@@ -178,14 +189,19 @@ def _print_summary(summary, console) -> None:
     from rich.table import Table
 
     from nemo_surgery.console import info
+    from nemo_surgery.engine.detection import short_rule
+
     table = Table(title=f"scan (tau = {summary.tau:.4f})", show_lines=False,
-                  caption="detection: mean pairwise MS-SSIM over seeds (memorized when above tau); "
+                  caption=f"{short_rule()}; cluster: seeds x agreement; NeMo: its rule's verdict; "
                           "score: the final set's mitigation score (below tau = mitigated)")
-    for col in ("#", "prompt", "memorized", "detection", "neurons", "score", "verdict"):
+    for col in ("#", "prompt", "memorized", "cluster", "NeMo", "neurons", "score", "verdict"):
         table.add_column(col, overflow="fold")
     for r in summary.results:
         verdict = "-" if not r.memorized else ("mitigated" if r.mitigated else "[red]NOT mitigated[/red]")
-        table.add_row(str(r.index), r.prompt[:48], "yes" if r.memorized else "no", f"{r.mean_pairwise:.3f}",
+        det = r.detection
+        cluster = f"{det['cluster_size']} x {det['cluster_agreement']:.3f}" if det.get("cluster_size") else "-"
+        nemo = "yes" if det.get("nemo", {}).get("memorized") else "no"
+        table.add_row(str(r.index), r.prompt[:48], "yes" if r.memorized else "no", cluster, nemo,
                       str(r.count) if r.memorized else "-",
                       f"{r.final_score:.3f}" if r.final_score is not None else "-", verdict)
     console.print(table)

@@ -16,11 +16,19 @@ from typing import Any
 
 import torch
 
+from nemo_surgery.engine.detection import decide
 from nemo_surgery.engine.layers import ValueLayer, select_layers
 from nemo_surgery.engine.model import LoadedModel
 from nemo_surgery.engine.prompts import Prompt
 from nemo_surgery.engine.score import Scorer
-from nemo_surgery.engine.selection import SelectionSettings, initial_selection, refine
+from nemo_surgery.engine.selection import (
+    SelectionSettings,
+    candidate_sets,
+    initial_selection,
+    rank_within_layers,
+    refine,
+    schedule,
+)
 from nemo_surgery.engine.stats import Stats, value_activations
 from nemo_surgery.errors import EXIT_OK, EXIT_VERDICT, InputError
 from nemo_surgery.neuron_set import LayerNeurons, NeuronSet
@@ -39,6 +47,8 @@ class PromptResult:
     detection_score: float
     mean_pairwise: float
     kept_seeds: list[int]
+    detection: dict[str, Any] = field(default_factory=dict)
+    unmovable_seeds: list[int] = field(default_factory=list)
     truncated: bool = False
     initial_neurons: dict[str, list[int]] = field(default_factory=dict)
     initial_count: int = 0
@@ -77,24 +87,36 @@ def scan_prompt(
     tau = stats.tau
     cond = scorer.model.encode([prompt.text])
     base = scorer.noise_differences(cond)[0]
-    det = scorer.detect(base, tau)
+    det = decide(scorer.pairwise(base), stats.calibration)
     stages = {"detect": time.perf_counter() - started}
     result = PromptResult(
         index=prompt.index,
         prompt=prompt.text,
-        memorized=det.mean_pairwise > tau and det.kept.numel() > 0,
+        memorized=det.memorized,
         detection_score=round(det.score, 6),
-        mean_pairwise=round(det.mean_pairwise, 6),
-        kept_seeds=det.kept.tolist(),
+        mean_pairwise=det.mean_pairwise,
+        kept_seeds=det.kept_seeds,
+        detection=det.to_json(),
         truncated=bool(cond.truncated[0]) if cond.truncated else False,
     )
+    kept = det.kept
     if result.memorized:
         acts = value_activations(scorer.layers, cond.hidden)[0].cpu()
         z = stats.z_scores(scorer.layers, acts)
-        width = max(1, scorer.batch_size // det.kept.numel())
+        # a seed that the search's widest candidate set (theta = theta_min) leaves >= tau cannot be moved by
+        # any set the search tries: it is recorded as unmovable and left out of the mitigation test
+        widest = candidate_sets(z, rank_within_layers(acts, scorer.slices), schedule(selection)[-1:])
+        floor = scorer.seed_scores(cond, base, kept, widest)[0]
+        result.unmovable_seeds = kept[floor >= tau].tolist()
+        kept = kept[floor < tau]
+        result.kept_seeds = kept.tolist()
+        if kept.numel() == 0:
+            result.mitigated, result.final_score = False, round(float(floor.max()), 6)
+    if result.memorized and kept.numel():
+        width = max(1, scorer.batch_size // kept.numel())
 
         def oracle(masks: torch.Tensor) -> torch.Tensor:
-            return scorer.mitigation_scores(cond, base, det.kept, masks)
+            return scorer.mitigation_scores(cond, base, kept, masks)
 
         mark = time.perf_counter()
         init = initial_selection(z, acts, scorer.slices, oracle, tau, width, selection)
@@ -177,11 +199,13 @@ def records_path_for(out: str | Path) -> Path:
 class RecordLog:
     """Append-only JSONL of per-prompt results with a header that pins model and settings."""
 
-    def __init__(self, path: Path, header: dict[str, Any]):
+    def __init__(self, path: Path, header: dict[str, Any], kind: str = "prompt", parse=None):
         self.path = path
         self.header = {"type": "header", **header}
+        self.kind = kind  # the "type" of the result lines (scan: "prompt", detect: "detect")
+        self.parse = parse or PromptResult.from_json
 
-    def load(self) -> list[PromptResult]:
+    def load(self) -> list[Any]:
         """Read finished records for resuming; a torn last line is dropped from the file."""
         raw = self.path.read_bytes()
         good_end, results, header = 0, [], None
@@ -195,10 +219,11 @@ class RecordLog:
             good_end += len(line)
             if doc.get("type") == "header":
                 header = doc
-            elif doc.get("type") == "prompt":
-                results.append(PromptResult.from_json(doc))
+            elif doc.get("type") == self.kind:
+                results.append(self.parse(doc))
         if header is None:
-            raise InputError(f"{self.path}: not a scan records file; remove it or choose another --out")
+            raise InputError(f"{self.path}: not a {'scan' if self.kind == 'prompt' else self.kind} records file; "
+                             "remove it or choose another output")
         for key in ("fingerprint", "stats_sha256", "layers", "settings"):
             if header.get(key) != self.header.get(key):
                 raise InputError(
@@ -218,10 +243,14 @@ class RecordLog:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def append(self, result: PromptResult) -> None:
+    def append(self, result: Any) -> None:
         """Append one record durably."""
+        self.extend([result])
+
+    def extend(self, results: list[Any]) -> None:
+        """Append several records durably (one fsync)."""
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(result.to_json()) + "\n")
+            fh.write("".join(json.dumps(r.to_json()) + "\n" for r in results))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -298,7 +327,7 @@ def run_scan(
         "tau": stats.tau,
         "layers": [layer.id for layer in chosen],
         "selection": asdict(selection),
-        "detection_rule": "memorized when the mean pairwise MS-SSIM over seeds exceeds tau",
+        "detection": stats.calibration.to_json(),
         "stats": {"path": str(Path(stats_path).resolve()), "sha256": sha256_file(stats_path), "prompt_count": stats.prompt_count},
         "dtype": str(model.dtype).removeprefix("torch."),
     }

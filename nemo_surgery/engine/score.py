@@ -150,7 +150,7 @@ class Scorer:
         if g > 1.0:
             e_u, e_c = eps.chunk(2)
             eps = e_u + g * (e_c - e_u)
-        return min_max_scale((eps - latents).float())
+        return min_max_scale(eps.float() - latents.float())  # fp32 from here on (fp16-safe)
 
     def noise_differences(self, cond: Conditioning) -> torch.Tensor:
         """Unblocked noise differences of P prompts x N seeds: [P, N, C, H, W] float32.
@@ -179,7 +179,12 @@ class Scorer:
         return mat
 
     def detect(self, deltas: torch.Tensor, tau: float) -> Detection:
-        """Pre-filter: each seed's max similarity to the others; kept seeds exceed tau."""
+        """NeMo's per-seed quantities (each seed's best match; seeds above tau) for one prompt.
+
+        Not the detection rule: whether a prompt is memorized, and which seeds
+        localization keeps, is :func:`nemo_surgery.engine.detection.decide`
+        on :meth:`pairwise`. Kept for callers that still read these fields.
+        """
         mat = self.pairwise(deltas)
         n = mat.shape[0]
         off = mat.masked_fill(torch.eye(n, dtype=torch.bool, device=mat.device), float("-inf"))
@@ -202,8 +207,14 @@ class Scorer:
         ``blocked`` is a bool tensor [M, T] (T = neurons of the scanned layers);
         returns a float tensor [M]. Several masks share one UNet call.
         """
+        return self.seed_scores(cond, base, kept, blocked).amax(dim=1)
+
+    def seed_scores(
+        self, cond: Conditioning, base: torch.Tensor, kept: torch.Tensor, blocked: torch.Tensor
+    ) -> torch.Tensor:
+        """Per kept seed, MS-SSIM(unblocked, blocked) of each candidate set: [M, K] (see mitigation_scores)."""
         m, k = blocked.shape[0], kept.numel()
-        out = torch.empty(m)
+        out = torch.empty(m, k)
         empty = ~blocked.any(dim=1)
         out[empty] = 1.0  # blocking nothing leaves the prediction as it was
         todo = torch.nonzero(~empty).flatten()
@@ -216,7 +227,7 @@ class Scorer:
             masks = blocked[idx].to(self.model.device, non_blocking=True).repeat_interleave(k, dim=0)
             deltas = self._predict(cond.repeat(masks.shape[0]), lat.repeat(idx.numel(), 1, 1, 1), masks)
             sims = ms_ssim(ref.repeat(idx.numel(), 1, 1, 1), deltas, self.settings.ssim)
-            parts.append(sims.view(idx.numel(), k).amax(dim=1))
+            parts.append(sims.view(idx.numel(), k))
         if parts:
             out[todo] = torch.cat(parts).float().cpu()
         return out

@@ -4,19 +4,24 @@ Activation of neuron j for a prompt: a_j = mean over all token positions
 (padding included) of |to_v(text embedding)_j|. Means and variances are kept
 as (count, mean, M2) so statistics of shards merge exactly (Chan et al.).
 tau = mean + 1 std of the pairwise MS-SSIM scores of the hold-out prompts,
-computed with exactly the detection settings.
+computed with exactly the detection settings (NeMo's threshold, used by the
+mitigation test). The per-prompt detection statistics of every hold-out prompt
+are stored too, and the detection rule's thresholds are calibrated from them
+at the target false-positive rate (:mod:`nemo_surgery.engine.detection`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nemo_surgery.atomic import write_json
+from nemo_surgery.engine.detection import DEFAULT_FPR, Calibration, calibrate, cluster_agreement, mean_pairwise
 from nemo_surgery.engine.layers import ValueLayer
 from nemo_surgery.engine.model import LoadedModel
 from nemo_surgery.engine.score import Scorer, ScoreSettings, pairwise_indices
@@ -25,7 +30,7 @@ from nemo_surgery.provenance import check_envelope, envelope
 from nemo_surgery.schema import Int, ListOf, Nullable, Num, Obj, Str, check_document, read_json
 
 FORMAT = "nemo-surgery.stats"
-VERSION = 1
+VERSION = 2  # 2: per-prompt cluster agreements and the calibrated detection rule
 
 
 @dataclass
@@ -88,19 +93,27 @@ class Stats:
     settings: ScoreSettings
     layers: dict[str, LayerStats]
     pairwise: Moments
-    prompt_scores: list[float] = field(default_factory=list)
+    holdout_agreement: torch.Tensor  # [n, seeds-1] cluster agreement a_m (m = 2..seeds) per hold-out prompt
+    holdout_mean: list[float] = field(default_factory=list)  # mean pairwise score per hold-out prompt
     prompt_count: int = 0
     dtype: str = "fp32"
+    fpr: float = DEFAULT_FPR
 
     @property
     def tau(self) -> float:
-        """Detection threshold: mean + 1 std of the hold-out pairwise scores."""
+        """NeMo's threshold: mean + 1 std of the hold-out pairwise scores (mitigation test, NeMo's rule)."""
         return float(self.pairwise.mean + self.pairwise.std)
+
+    @cached_property
+    def calibration(self) -> Calibration:
+        """The detection rule's thresholds at ``fpr``, calibrated on the hold-out statistics."""
+        nemo_flagged = int((self.holdout_agreement[:, 0] > self.tau).sum()) if self.holdout_agreement.numel() else 0
+        return calibrate(self.holdout_agreement, self.fpr, self.tau, nemo_flagged)
 
     @property
     def holdout_flagged(self) -> int:
-        """How many hold-out prompts the detection rule would call memorized (false positives)."""
-        return sum(score > self.tau for score in self.prompt_scores)
+        """How many hold-out prompts the detection rule calls memorized (false positives)."""
+        return self.calibration.flagged
 
     def merge(self, other: Stats) -> Stats:
         """Combine statistics of two shards computed on the same model with the same settings."""
@@ -115,9 +128,11 @@ class Stats:
                 for lid, ls in self.layers.items()
             },
             pairwise=self.pairwise.merge(other.pairwise),
-            prompt_scores=self.prompt_scores + other.prompt_scores,
+            holdout_agreement=torch.cat([self.holdout_agreement, other.holdout_agreement]),
+            holdout_mean=self.holdout_mean + other.holdout_mean,
             prompt_count=self.prompt_count + other.prompt_count,
             dtype=self.dtype,
+            fpr=self.fpr,
         )
 
     def z_scores(self, layers: list[ValueLayer], acts: torch.Tensor) -> torch.Tensor:
@@ -141,9 +156,12 @@ class Stats:
             "tau": self.tau,
             "pairwise": {"count": self.pairwise.count, "mean": float(self.pairwise.mean), "m2": float(self.pairwise.m2)},
             "detection": {
-                "rule": "memorized when the mean pairwise MS-SSIM over seeds exceeds tau",
-                "holdout_flagged": self.holdout_flagged,
-                "prompt_scores": self.prompt_scores,
+                "fpr": self.fpr,
+                "calibration": self.calibration.to_json(),
+                "holdout": {
+                    "cluster_agreement": [[round(float(v), 7) for v in row] for row in self.holdout_agreement],
+                    "mean_pairwise": self.holdout_mean,
+                },
             },
             "layers": [
                 {
@@ -171,7 +189,10 @@ SCHEMA = Obj(
         "settings": Obj(),
         "prompt_count": Int(0),
         "pairwise": Obj(required={"count": Int(0), "mean": Num(), "m2": Num()}),
-        "detection": Obj(required={"prompt_scores": ListOf(Num())}),
+        "detection": Obj(required={
+            "fpr": Num(),
+            "holdout": Obj(required={"cluster_agreement": ListOf(ListOf(Num())), "mean_pairwise": ListOf(Num())}),
+        }),
         "layers": ListOf(Obj(
             required={"id": Str(), "rows": Int(1), "cols": Int(1), "count": Int(0), "mean": ListOf(Num()), "m2": ListOf(Num())},
             optional={"ldm_id": Nullable(Str())},
@@ -211,9 +232,11 @@ def load_stats(path: str | Path) -> Stats:
             settings=ScoreSettings.from_json(doc["settings"]),
             layers=layers,
             pairwise=Moments(pw["count"], torch.tensor(pw["mean"], dtype=torch.float64), torch.tensor(pw["m2"], dtype=torch.float64)),
-            prompt_scores=list(doc["detection"]["prompt_scores"]),
+            holdout_agreement=torch.tensor(doc["detection"]["holdout"]["cluster_agreement"], dtype=torch.float32),
+            holdout_mean=list(doc["detection"]["holdout"]["mean_pairwise"]),
             prompt_count=doc["prompt_count"],
             dtype=doc["model"].get("dtype", "fp32"),
+            fpr=float(doc["detection"]["fpr"]),
         )
     except (KeyError, TypeError, ValueError) as exc:  # settings fields (ScoreSettings.from_json)
         raise InputError(f"{path}: not a nemo-surgery statistics file ({exc}); recompute it with `nemo-surgery stats`") from None
@@ -242,8 +265,9 @@ def compute_stats(
     batch_size: int = 32,
     advance=None,
     dtype_name: str = "fp32",
+    fpr: float = DEFAULT_FPR,
 ) -> Stats:
-    """Compute activation statistics (all value layers) and calibrate tau on hold-out prompts.
+    """Compute activation statistics (all value layers), tau and the detection statistics of hold-out prompts.
 
     ``advance(n)`` is called after every n prompts (progress reporting).
     """
@@ -252,7 +276,8 @@ def compute_stats(
     n_seeds = settings.seeds
     moments = [Moments.empty((layer.rows,)) for layer in layers]
     pairwise = Moments.empty(())
-    prompt_scores: list[float] = []
+    agreements: list[torch.Tensor] = []
+    means: list[float] = []
     prompts_per_call = max(1, batch_size // n_seeds)
     i, j = pairwise_indices(n_seeds)
     for start in range(0, len(prompts), prompts_per_call):
@@ -264,11 +289,11 @@ def compute_stats(
             moments[li] = moments[li].merge(Moments.of(acts[:, offset : offset + layer.rows].cpu()))
             offset += layer.rows
         deltas = scorer.noise_differences(cond)
-        for p in range(len(chunk)):
-            mat = scorer.pairwise(deltas[p])
-            values = mat[i, j].cpu()
-            pairwise = pairwise.merge(Moments.of(values))
-            prompt_scores.append(float(values.mean()))
+        mats = torch.stack([scorer.pairwise(deltas[p]) for p in range(len(chunk))]).cpu()
+        for mat in mats:
+            pairwise = pairwise.merge(Moments.of(mat[i, j]))
+        agreements.append(cluster_agreement(mats)[0])
+        means.extend(round(float(v), 7) for v in mean_pairwise(mats))
         if advance is not None:
             advance(len(chunk))
     return Stats(
@@ -279,7 +304,9 @@ def compute_stats(
             layer.id: LayerStats(layer.id, layer.ldm_id, layer.rows, layer.cols, m) for layer, m in zip(layers, moments)
         },
         pairwise=pairwise,
-        prompt_scores=prompt_scores,
+        holdout_agreement=torch.cat(agreements),
+        holdout_mean=means,
         prompt_count=len(prompts),
         dtype=dtype_name,
+        fpr=fpr,
     )
