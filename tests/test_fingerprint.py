@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nemo_surgery.keymap import SD_LAYERS_PER_BLOCK, diffusers_to_ldm, diffusers_weight_key, ldm_weight_key
+from nemo_surgery.keymap import SD_LAYERS_PER_BLOCK, diffusers_to_ldm, diffusers_weight_key, ldm_ema_weight_key, ldm_weight_key
 from nemo_surgery.surgery.discover import discover
 from nemo_surgery.surgery.fingerprint import PREFIX, source_fingerprints, weights_fingerprint
 from tests.checkpoint_fixtures import layer_shapes, unet_state, write_pipeline
@@ -20,7 +20,7 @@ def _as_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for lid in layer_shapes():
         ldm = diffusers_to_ldm(lid, SD_LAYERS_PER_BLOCK)
         out[ldm_weight_key(ldm)] = state[diffusers_weight_key(lid)]
-        out[f"model_ema.diffusion_model{ldm.replace('.', '')}weight"] = torch.zeros(1)  # EMA copies are not covered
+        out[ldm_ema_weight_key(ldm)] = torch.zeros_like(state[diffusers_weight_key(lid)])  # EMA copies are not covered
     return out
 
 
@@ -58,3 +58,34 @@ def test_variants_of_a_folder_each_have_one(tmp_path: Path) -> None:
     assert len(fps) == 2 and len(set(fps)) == 1  # the fixture writes the same fp32 state under both names
     sharded = write_pipeline(tmp_path / "sharded", "fp32", shards=3)
     assert source_fingerprints(discover(sharded)) == fps[:1]
+
+
+def test_apply_refuses_a_set_from_other_weights_before_writing(tmp_path: Path) -> None:
+    import pytest
+
+    from nemo_surgery.errors import InputError
+    from nemo_surgery.neuron_set import load_neuron_set
+    from nemo_surgery.surgery.apply import run_apply
+    from tests.checkpoint_fixtures import DEFAULT_NEURONS, write_neuron_set
+
+    state = unet_state("fp16")
+    single = tmp_path / "single.safetensors"
+    save_file(_as_ldm(state), str(single))
+    pipe = write_pipeline(tmp_path / "pipe", "fp16")  # the same weights as a diffusers pipeline folder
+    other = tmp_path / "other.safetensors"
+    save_file(_as_ldm(unet_state("fp16", seed=1)), str(other))  # same shapes, other weights
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    scanned = load_neuron_set(ns)
+    scanned.weights_fingerprint = weights_fingerprint(pipe)  # as scan records it for the weights it ran on
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(InputError, match="found on other weights") as info:
+        run_apply(other, ns, neuron_set=scanned)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written before the check"
+    result = run_apply(single, ns, neuron_set=scanned)  # a single file of the scanned weights is accepted
+    assert result.ok and result.fingerprint == scanned.weights_fingerprint
+    assert run_apply(pipe, ns, neuron_set=scanned).ok
+    folder_other = write_pipeline(tmp_path / "pipe2", "fp32")
+    with pytest.raises(InputError, match="found on other weights"):
+        run_apply(folder_other, ns, neuron_set=scanned)
+    assert not (tmp_path / "pipe2-nemo").exists()
