@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,3 +64,48 @@ def _sample_size(model: LoadedModel) -> tuple[int, int]:
     _, h, w = model.latent_shape
     scale = int(getattr(model.pipe, "vae_scale_factor", 8) or 1)
     return h * scale, w * scale
+
+
+def verify_attack(result: Any, original: LoadedModel, pruned: LoadedModel, inputs: Any, options: Any,
+                  progress: Callable[[str], None] | None = None) -> ProbeResult | None:
+    """verify's one call for --attack: run the probe with the run's copy threshold and record it in ``result``.
+
+    ``result`` is the VerifyResult being built, ``inputs`` the resolved
+    VerifyInputs, ``options`` the VerifyOptions (attack_steps, attack_lr,
+    attack_batch, require_robust, batch_size, sampling).
+    """
+    threshold, source = _copy_threshold(result)
+    settings = AttackSettings(steps=options.attack_steps, lr=options.attack_lr, batch=options.attack_batch,
+                              chunk=options.batch_size)
+    probe = attack_phase(original, pruned, inputs.prompts, inputs.holdout, inputs.train, settings, options.sampling,
+                         threshold, source, required=options.require_robust, progress=progress)
+    if probe is None:
+        result.notes.append("ADAPTIVE ATTACK NOT RUN: --attack needs --train-images (the attack's target)")
+        return None
+    record_probe(result, probe)
+    return probe
+
+
+def record_probe(result: Any, probe: ProbeResult) -> None:
+    """Put the probe into a VerifyResult: report.json section, HTML images, and its findings.
+
+    A shallow prompt fails its check (exit 3) under --require-robust; otherwise
+    the finding is a warning note and the verdict is unchanged.
+    """
+    result.sections["attack"] = probe.to_json()
+    result.images.update(probe.images())
+    checks = {c.index: c for c in result.checks}
+    for index, finding in probe.findings():
+        if probe.required and index in checks:
+            checks[index].reasons.append(finding)
+        else:
+            result.notes.append(f"WARNING: prompt {index}: {finding}; the verdict does not depend on it "
+                                "(--require-robust makes it fail)")
+
+
+def _copy_threshold(result: Any) -> tuple[float, str]:
+    """The run's copy threshold and its source (the calibrated one when verify has it)."""
+    calibrated = getattr(result, "copy_threshold", None)
+    if calibrated is not None:
+        return float(calibrated.value), str(calibrated.source)
+    return float(result.max_train_similarity), "--max-train-similarity (verify's SSIM-to-training-image limit)"

@@ -91,15 +91,16 @@ class ProbeResult:
         """'shallow' when any prompt is, else 'robust'."""
         return SHALLOW if any(c.verdict == SHALLOW for c in self.cases) else ROBUST
 
-    def findings(self) -> list[str]:
-        """One line per shallow prompt, with the numbers the rule used."""
+    def findings(self) -> list[tuple[int, str]]:
+        """(prompt index, line) for each shallow prompt, with the numbers the rule used."""
         out = []
         for c in self.cases:
             if c.verdict == SHALLOW:
                 s = {name: t.best for name, t in c.traces.items()}
-                out.append(f"adaptive attack brings the training image back (shallow): similarity after "
-                           f"{self.settings.steps} steps {s['pruned']:.3f} on the pruned model, {s['original']:.3f} "
-                           f"on the original, {s['control']:.3f} for the control (copy threshold {self.threshold})")
+                out.append((c.index, f"adaptive attack brings the training image back (shallow): best SSIM after "
+                                     f"{self.settings.steps} attack steps {s['pruned']:.3f} on the pruned model, "
+                                     f"{s['original']:.3f} on the original, {s['control']:.3f} for the control "
+                                     f"(copy threshold {self.threshold:.3f})"))
         return out
 
     def images(self) -> dict[str, np.ndarray]:

@@ -104,3 +104,18 @@ def attack_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
                     for s, (im, v) in enumerate(zip(images, sims))) + "</td></tr>")
         out.append("</table>")
     return out
+
+
+def attack_card_lines(probe: dict[str, Any] | None) -> list[str]:
+    """The model card's line on the adaptive attack (empty when verify ran without --attack)."""
+    if probe is None:
+        return []
+    s = probe["settings"]
+    best = "; ".join(f"prompt {c['index']}: {c['verdict']} (best SSIM after the attack: pruned "
+                     f"{c['pruned']['max_similarity_after']:.3f}, original {c['original']['max_similarity_after']:.3f}, "
+                     f"control {c['control']['max_similarity_after']:.3f})" for c in probe["prompts"])
+    effect = "" if probe["verdict"] == "robust" else (" — counted as a failure (--require-robust)" if probe["required"]
+                                                       else " — a warning, not part of the verdict")
+    return [f"- Adaptive attack ({s['steps']} Adam steps on the prompt's text-encoder output, lr {s['lr']}, "
+            f"batch {s['batch']}; copy threshold {probe['copy_threshold']:.3f}): **{probe['verdict']}**{effect}. "
+            f"{best}."]
