@@ -108,3 +108,15 @@ def test_no_assert_statements_in_surgery() -> None:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         found += [f"{path.name}:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Assert)]
     assert found == []
+
+
+def test_in_place_sweeps_report_temps_of_a_killed_run(tmp_path: Path) -> None:
+    src = write_ldm_file(tmp_path / "m.safetensors", "fp16")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    stale = [tmp_path / ".m.safetensors.report.json.nemo-tmp-4242-abcd.tmp", tmp_path / ".m.safetensors.nemo-tmp-4242-ef.journal"]
+    for path in stale:
+        path.write_text("left by kill -9")
+    run_apply(src, ns, in_place=True)
+    assert not any(p.exists() for p in stale)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["m.safetensors", "m.safetensors.report.json", "m.safetensors.report.md", "set.json"]

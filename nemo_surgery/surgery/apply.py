@@ -260,7 +260,8 @@ def _apply_in_place(plan: PatchPlan, result: ApplyResult, stage: list[str]) -> N
                 f"{ckpt}: holds {pending.describe()}; finish that one first with "
                 f"`nemo-surgery apply {ckpt} --in-place --neurons {pending.neuron_set}`"
             )
-        sweep(ckpt)
+        for path in (ckpt, *_report_paths(ckpt, plan.source.is_folder)):
+            sweep(path)  # temps of a killed in-place run: its journal and report temps
         stage[0] = f"interrupted before the in-place edit began: {ckpt} is unchanged"
         planned = [(fp, plan_in_place(fp, result.neuron_set_sha256)) for fp in plan.files]
         before = pending.sha256_before if pending else {str(fp.rel): p.before.sha256_in for fp, p in planned}
