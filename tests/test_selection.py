@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from nemo_surgery.engine.selection import (
+    CachedOracle,
     SelectionSettings,
     certify,
     initial_selection,
     probe_positions,
     refine,
+    search_oracle,
     split_search,
 )
 
@@ -122,3 +124,19 @@ def test_reference_initial_selection_scores_one_step_per_call():
     assert ref.mitigated and oracle.calls == oracle.sets
     with pytest.raises(ValueError, match="unknown search strategy"):
         SelectionSettings(strategy="fast")
+
+
+def test_small_first_set_is_certified_in_the_initial_selection_call():
+    """Speculative one-removals ride along with the first schedule step; certification then costs no call."""
+    raw = Oracle(40, [3, 7])
+    z = torch.zeros(40)
+    z[[3, 7]] = float("inf")
+    settings = SelectionSettings()
+    oracle = search_oracle(raw, settings)
+    assert isinstance(oracle, CachedOracle) and search_oracle(raw, SelectionSettings(strategy="reference")) is raw
+    init = initial_selection(z, torch.zeros(40), [slice(0, 40)], oracle, TAU, 4, settings)
+    assert init.mitigated and raw.calls == 1 and raw.sets == 4  # two schedule steps, then {7} and {3}
+    found, score = refine(init.blocked, [slice(0, 40)], z, oracle, TAU, 4, init.score, "split")
+    assert raw.calls == 1  # answered from memory
+    assert torch.nonzero(found).flatten().tolist() == [3, 7]
+    _assert_one_minimal(raw, found, score)

@@ -28,6 +28,7 @@ from nemo_surgery.engine.selection import (
     rank_within_layers,
     refine,
     schedule,
+    search_oracle,
 )
 from nemo_surgery.engine.stats import Stats, value_activations
 from nemo_surgery.errors import EXIT_OK, EXIT_VERDICT, InputError
@@ -118,6 +119,7 @@ def scan_prompt(
         def oracle(masks: torch.Tensor) -> torch.Tensor:
             return scorer.mitigation_scores(cond, base, kept, masks)
 
+        oracle = search_oracle(oracle, selection)  # remembers scored sets (speculative rows cost no extra call)
         mark = time.perf_counter()
         init = initial_selection(z, acts, scorer.slices, oracle, tau, width, selection)
         stages["initial"] = time.perf_counter() - mark
