@@ -35,8 +35,7 @@ def run_sharded_scan(model, stats, stats_path, prompts, out: str | Path, shard: 
     out = Path(out)
     if not shard.launched:
         return run_scan(model, stats, stats_path, shard.take(prompts), out, resume=resume, force=force, **scan_kwargs)
-    if shard.is_main:
-        check_outputs(out, resume, force)
+    check_outputs(out, resume, force)  # every process, so that all stop together instead of waiting at the barrier
     summary = run_scan(model, stats, stats_path, shard.take(prompts), shard_path(out, shard), resume=resume,
                        force=force, **scan_kwargs)
     shard.wait()
