@@ -175,10 +175,10 @@ def run_probe(
     for c in cases:
         if c.traces["original"].best < threshold:
             result.notes.append(f"prompt {c.index}: the attack does not reach the copy threshold even on the original "
-                                f"model ({c.traces['original'].best:.3f} < {threshold}); 'robust' is weak evidence here")
+                                f"model ({c.traces['original'].best:.3f} < {threshold:.3f}); 'robust' is weak evidence here")
         if c.control_to_train >= threshold:
             result.notes.append(f"prompt {c.index}: the control target resembles the training image "
-                                f"({c.control_to_train:.3f} >= {threshold}); the control is not independent")
+                                f"({c.control_to_train:.3f} >= {threshold:.3f}); the control is not independent")
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 
