@@ -80,6 +80,12 @@ def print_summary(result) -> None:
     else:
         info(f"hold-out drift {result.drift.drift:.4f} (max {result.max_drift}), mean SSIM {result.drift.mean_ssim:.4f} "
              f"over {len(result.drift.prompts)} prompts")
+    attack = result.sections.get("attack")
+    if attack is not None:
+        shallow = attack["verdict"] != "robust"
+        info(f"adaptive attack ({attack['settings']['steps']} steps): "
+             + ("[red]shallow[/red]" if shallow else "[green]robust[/green]")
+             + (" (a warning: --require-robust makes it fail)" if shallow and not attack["required"] else ""))
     for reason in result.reasons:
         info(f"[red]failed:[/red] {reason}")
     verdict = "[green]verified[/green]" if result.passed else "[red]NOT verified[/red]"

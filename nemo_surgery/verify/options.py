@@ -56,6 +56,14 @@ class VerifyOptions:
         "on the original; 0.5 without --holdout).", kind="float", low=-1, high=1)
     sscd: Path | None = option(None, "Local TorchScript SSCD model (optional).", kind="path")
     clip: Path | None = option(None, "Local CLIP model folder (optional).", kind="path")
+    attack: bool = option(False, "Adaptive-attack robustness probe: optimise each memorized prompt's conditioning "
+                          "on the pruned model toward its training image (needs --train-images); compared with the "
+                          "same attack on the original and on a never-memorized control. Verdict robust/shallow.")
+    attack_steps: int = option(50, "Adam steps of the adaptive attack.", low=1)
+    attack_lr: float = option(0.1, "Learning rate of the adaptive attack.", low=0)
+    attack_batch: int = option(8, "Noises/timesteps per prompt per attack step.", low=1)
+    require_robust: bool = option(False, "Fail (exit 3) when the adaptive attack finds the pruning shallow; "
+                                  "without it a shallow finding is a warning.")
     device: str = option("auto", "Device (see --device).", group="device")
     dtype: str = option("fp32", "Weights and activations dtype (see --dtype).", group="device")
     equivalence_seeds: int = option(2, "Latents of the equivalence check.", group="library")

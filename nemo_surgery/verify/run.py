@@ -14,6 +14,7 @@ from nemo_surgery.engine.stats import check_stats_match
 from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import NeuronSet
 from nemo_surgery.provenance import sha256_file
+from nemo_surgery.verify.attack_phase import verify_attack
 from nemo_surgery.verify.drift import DriftResult, sample_drift, value_output_change
 from nemo_surgery.verify.equivalence import check_equivalence
 from nemo_surgery.verify.inputs import VerifyInputs, check_pipelines, default_report_dir, digest_model, precheck_inputs
@@ -156,6 +157,8 @@ def run_verify(
     result.images = {"memorized_before": mem_before, "memorized_after": mem_after}
     if hold_before is not None:
         result.images.update(holdout_before=hold_before, holdout_after=hold_after)
+    if options.attack:
+        verify_attack(result, orig_model, pruned_model, got, options, progress=say)
     result.seconds = round(time.perf_counter() - started, 3)
     say("writing report")
     write_reports(result, report_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from nemo_surgery.verify.report.attack_section import attack_card_lines
 from nemo_surgery.verify.result import VerifyResult
 
 
@@ -50,6 +51,7 @@ def render_model_card(result: VerifyResult) -> str:
         lines.append(f"- Hold-out drift on {d['prompts']} non-memorized prompts: mean SSIM of samples before/after "
                      f"(same seeds) {d['ssim']['mean']:.4f} (min {d['ssim']['min']:.4f}); drift {d['drift']:.4f} "
                      f"(limit {result.max_drift}); largest relative change of a value layer's output {change:.4f}.")
+    lines += attack_card_lines(result.sections.get("attack"))
     for reason in result.reasons:
         lines.append(f"- Failed: {reason}")
     lines += ["", f"Original: `{result.original}` (fingerprint `{result.inputs['original']['fingerprint'][:16]}`); "

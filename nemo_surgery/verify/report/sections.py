@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nemo_surgery.verify.metrics import load_image
+from nemo_surgery.verify.report.attack_section import attack_section
 from nemo_surgery.verify.report.images import fmt, img_tag, layer_chart_svg
 from nemo_surgery.verify.result import VerifyResult
 
@@ -122,5 +123,5 @@ def optional_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
     return out
 
 
-SECTIONS: list[Section] = [verdict_section, prompts_section, equivalence_section, drift_section, layers_section,
-                           optional_section]
+SECTIONS: list[Section] = [verdict_section, prompts_section, equivalence_section, drift_section, attack_section,
+                           layers_section, optional_section]
