@@ -89,7 +89,7 @@ def test_probe_shallow_when_memorization_is_intact(probes) -> None:
     s = {name: t.best for name, t in case.traces.items()}
     assert s["pruned"] >= 0.3 and s["control"] < 0.3, s
     assert case.verdict == SHALLOW and probe.verdict == SHALLOW
-    assert probe.findings() and "shallow" in probe.findings()[0]
+    assert [i for i, _ in probe.findings()] == [0] and "shallow" in probe.findings()[0][1]
     assert case.control_to_train < 0.3  # the control target is not the training image
 
 
@@ -106,3 +106,57 @@ def test_probe_robust_when_no_conditioning_reaches_the_unet(probes) -> None:
     assert len(doc["prompts"][0]["control"]["checkpoint_similarity"]) == 3
     assert set(probe.images()) == {f"attack/0/{k}" for k in ("pruned", "original", "control", "train_image",
                                                               "control_target")}
+
+
+def _demo_set(path, model, layer_id: str, rows: list[int]):
+    """A neuron set of the demo model (its statistics recorded) with ``rows`` of one value layer."""
+    from nemo_surgery.demo.paths import DEMO_STATS
+    from nemo_surgery.neuron_set import LayerNeurons, NeuronSet
+
+    layer = next(la for la in model.layers if la.id == layer_id)
+    ns = NeuronSet(layers=[LayerNeurons(id=layer_id, rows=layer.rows, cols=layer.cols, neurons=rows,
+                                        needed_by=[[0]] * len(rows))],
+                   fingerprint=model.fingerprint, settings={"stats": {"path": str(DEMO_STATS)}},
+                   prompts=[{"index": 0, "prompt": ASTRONAUT, "memorized": True, "mitigated": True,
+                             "neurons": len(rows)}])
+    return ns.save(path)
+
+
+def test_cli_verify_attack_shallow_warns_or_fails(demo, tmp_path, cli_cmd) -> None:
+    """`verify --attack` end to end: a pruning that leaves the memorization (one untrained row) is shallow.
+
+    Without --require-robust the finding is a warning note and no reason; with it, the
+    prompt fails with the attack's numbers. Report JSON, HTML chart and model card carry it.
+    """
+    import subprocess
+
+    from nemo_surgery.surgery.apply import run_apply
+
+    model = demo[0]
+    layer_id = "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_v"
+    neurons = _demo_set(tmp_path / "set.json", model, layer_id, [0])
+    pruned = run_apply(DEMO_MODEL_DIR, neurons, out=tmp_path / "pruned").output
+    (tmp_path / "prompts.txt").write_text(ASTRONAUT + "\n")
+    (tmp_path / "hold.txt").write_text(CONTROL + "\na white square in the left on green\n")
+    docs = {}
+    for required in (False, True):
+        report = tmp_path / f"report-{required}"
+        cmd = [*cli_cmd, "verify", str(DEMO_MODEL_DIR), str(pruned), "--neurons", str(neurons),
+               "--prompts", str(tmp_path / "prompts.txt"), "--holdout", str(tmp_path / "hold.txt"),
+               "--train-images", str(DEMO_TRAIN_IMAGES), "--seeds", "2", "--holdout-seeds", "1", "--steps", "8",
+               "--guidance", "3", "--controls", "0", "--device", "cpu", "--report", str(report),
+               "--attack", "--attack-steps", "2", "--attack-batch", "2", "--quiet"]
+        proc = subprocess.run(cmd + (["--require-robust"] if required else []), capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        docs[required] = json.loads((report / "report.json").read_text())
+        attack = docs[required]["attack"]
+        assert attack["verdict"] == SHALLOW and attack["required"] is required
+        assert attack["settings"]["steps"] == 2 and attack["settings"]["batch"] == 2
+        html = (report / "report.html").read_text()
+        assert "Adaptive attack" in html and html.count("<polyline") >= 4  # threshold + three attacks
+        assert "Adaptive attack" in (report / "MODEL_CARD.md").read_text()
+    warned, failed = docs[False], docs[True]
+    assert not any("adaptive attack" in r for r in warned["reasons"])
+    assert any("adaptive attack" in n and "WARNING" in n for n in warned["notes"])
+    assert any("adaptive attack" in r for r in failed["reasons"])
