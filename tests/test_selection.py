@@ -140,3 +140,16 @@ def test_small_first_set_is_certified_in_the_initial_selection_call():
     assert raw.calls == 1  # answered from memory
     assert torch.nonzero(found).flatten().tolist() == [3, 7]
     _assert_one_minimal(raw, found, score)
+
+
+@pytest.mark.parametrize("wobble", [0.0, 0.2])
+def test_certify_drops_many_redundant_neurons_in_few_calls(wobble):
+    """A wide batch certifies a mostly redundant set without one call per dropped neuron."""
+    oracle = Oracle(30, [2, 5], wobble=wobble, seed=3)
+    blocked = torch.ones(30, dtype=torch.bool)
+    start = float(oracle(blocked.unsqueeze(0))[0])
+    oracle.calls = 0
+    found, score = certify(blocked, oracle, TAU, start, width=32)
+    _assert_one_minimal(oracle, found, score)
+    if wobble == 0.0:
+        assert torch.nonzero(found).flatten().tolist() == [2, 5] and oracle.calls <= 5  # width 1 would need 29

@@ -225,9 +225,9 @@ def refine(
     """Reduce a mitigating set (``score`` < tau) to a 1-minimal one with ``strategy``; return it and its score."""
     if strategy == "split":
         if int(blocked.sum()) <= width:  # all one-removals fit one call: certify directly
-            return certify(blocked, oracle, tau, score)
+            return certify(blocked, oracle, tau, score, width)
         found, found_score = split_search(blocked, z, oracle, tau, width, score)
-        return certify(found, oracle, tau, found_score)
+        return certify(found, oracle, tau, found_score, width)
     if strategy == "reference":
         return reference_refine(blocked, slices, oracle, tau, score)
     return greedy_refine(blocked, slices, z, oracle, tau, width, score)
@@ -347,11 +347,13 @@ def split_search(
     return kept, score
 
 
-def certify(current: torch.Tensor, oracle: Oracle, tau: float, score: float) -> tuple[torch.Tensor, float]:
-    """Score every one-neuron removal of ``current`` in one batch; drop the best while one still mitigates.
+def certify(current: torch.Tensor, oracle: Oracle, tau: float, score: float, width: int = 1) -> tuple[torch.Tensor, float]:
+    """Score every one-neuron removal of ``current`` in one batch; while some still mitigate, drop them.
 
-    Returns a 1-minimal set and its score: the last call proved that no
-    single removal mitigates.
+    The removable neurons are dropped greedily, best first, ``width``
+    speculated decisions per call (:func:`greedy_drop`), then the smaller set
+    is certified again. Returns a 1-minimal set and its score: the last call
+    proved that no single removal mitigates.
     """
     current = current.clone()
     while True:
@@ -361,8 +363,12 @@ def certify(current: torch.Tensor, oracle: Oracle, tau: float, score: float) -> 
         masks = current.repeat(members.numel(), 1)
         masks[torch.arange(members.numel()), members] = False
         scores = oracle(masks)
-        best = int(torch.argmin(scores))
-        if float(scores[best]) >= tau:
+        order = torch.argsort(scores, stable=True)
+        removable = [members[i].view(1) for i in order.tolist() if float(scores[i]) < tau]
+        if not removable:
             return current, score
-        current[members[best]] = False
-        score = float(scores[best])
+        if len(removable) == 1 or width <= 1:
+            current[removable[0]] = False
+            score = float(scores[order[0]])
+            continue
+        current, _, score = greedy_drop(current, removable, oracle, tau, width, predict_drop=True, score=score)
