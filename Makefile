@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 OUT ?= out/demo
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean check-floors
 
 install:  ## CPU torch from local disk when no torch is present, then the package with test extras
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
@@ -28,3 +28,16 @@ lint:
 
 clean:
 	rm -rf out .pytest_cache build *.egg-info
+
+# The lowest versions pyproject.toml allows, installed exactly (==) in a throwaway venv, then the
+# demo model loads and a representative part of the suite runs. torch comes from local disk (CPU).
+FLOORS_VENV ?= /tmp/nemo-surgery-floors
+FLOOR_TESTS ?= tests/test_bad_input.py tests/test_vpred.py tests/test_real_inputs.py tests/test_layers_keymap.py tests/test_apply_cli.py tests/test_console.py
+check-floors:  ## install the dependency floors (==) in a throwaway venv and run the demo model + floor tests there
+	rm -rf $(FLOORS_VENV) && $(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/pip install -q "torch==2.13.0"
+	$(FLOORS_VENV)/bin/pip install -q $$($(PYTHON) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print(' '.join(r.replace('>=', '==') for r in d['project']['dependencies'] + d['project']['optional-dependencies']['test'] if not r.startswith('torch')))")
+	$(FLOORS_VENV)/bin/pip install -q "setuptools>=68" && $(FLOORS_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(FLOORS_VENV)/bin/pip list 2>/dev/null | grep -i -E '^(torch|diffusers|transformers|tokenizers|huggingface.hub|safetensors|click|rich|scikit.image|numpy|pytest) '
+	$(FLOORS_VENV)/bin/python -c "from nemo_surgery.demo.paths import DEMO_MODEL_DIR; from nemo_surgery.engine.model import load_model; m = load_model(DEMO_MODEL_DIR, device='cpu'); print('demo model loads:', len(m.layers), 'value layers')"
+	PATH="$(FLOORS_VENV)/bin:$$PATH" $(FLOORS_VENV)/bin/python -m pytest -q -x -p no:cacheprovider $(FLOOR_TESTS)
