@@ -6,7 +6,8 @@ Format (``format`` = ``nemo-surgery.neuron-set``, ``version`` = 1)::
       "format": "nemo-surgery.neuron-set",
       "version": 1,
       "tool_version": "0.1.0",
-      "model": {"fingerprint": "<sha256>", "source": "<path or hub id>"},
+      "model": {"fingerprint": "<sha256>", "source": "<path or hub id>",
+                "weights_fingerprint": "wfp1:<sha256>"},  # byte-level, see docs/apply.md
       "settings": {...},                      # scan settings, free-form
       "prompts": [{"index": 0, "prompt": "...", "memorized": true,
                    "mitigated": true, "neurons": 3}, ...],
@@ -70,6 +71,7 @@ class NeuronSet:
     layers: list[LayerNeurons]
     fingerprint: str | None = None
     source: str | None = None
+    weights_fingerprint: str | None = None  # surgery.fingerprint of the stored weights; apply checks it
     settings: dict[str, Any] = field(default_factory=dict)
     prompts: list[dict[str, Any]] = field(default_factory=list)
     tool_version: str = __version__
@@ -92,7 +94,8 @@ class NeuronSet:
         return {
             **envelope(FORMAT, VERSION),
             "tool_version": self.tool_version,
-            "model": {"fingerprint": self.fingerprint, "source": self.source},
+            "model": {"fingerprint": self.fingerprint, "source": self.source,
+                      "weights_fingerprint": self.weights_fingerprint},
             "settings": self.settings,
             "prompts": self.prompts,
             "layers": [layer.to_json() for layer in self.layers],
@@ -124,7 +127,8 @@ SCHEMA = Obj(
     optional={
         "format": Str(),
         "tool_version": Nullable(Str()),
-        "model": Nullable(Obj(optional={"fingerprint": Nullable(Str()), "source": Nullable(Str())})),
+        "model": Nullable(Obj(optional={"fingerprint": Nullable(Str()), "source": Nullable(Str()),
+                                        "weights_fingerprint": Nullable(Str())})),
         "settings": Nullable(Obj()),
         "prompts": Nullable(ListOf(Obj(optional={"index": Int(0), "prompt": Str(), "memorized": Bool(), "mitigated": Nullable(Bool())}))),
         "total_neurons": Int(0),
@@ -171,6 +175,7 @@ def parse_neuron_set(doc: Any, path: Path = Path("<neuron set>")) -> NeuronSet:
         layers=layers,
         fingerprint=model.get("fingerprint"),
         source=model.get("source"),
+        weights_fingerprint=model.get("weights_fingerprint"),
         settings=doc.get("settings") or {},
         prompts=doc.get("prompts") or [],
         tool_version=doc.get("tool_version") or "unknown",

@@ -89,3 +89,13 @@ def test_apply_refuses_a_set_from_other_weights_before_writing(tmp_path: Path) -
     with pytest.raises(InputError, match="found on other weights"):
         run_apply(folder_other, ns, neuron_set=scanned)
     assert not (tmp_path / "pipe2-nemo").exists()
+
+
+def test_scanned_model_and_neuron_set_carry_it(planted, planted_model, tmp_path: Path) -> None:
+    """What scan records (LoadedModel.weights_fingerprint) is what apply computes from the folder's bytes."""
+    from nemo_surgery.neuron_set import NeuronSet, load_neuron_set
+
+    folder, _ = planted
+    assert planted_model.weights_fingerprint == weights_fingerprint(folder) is not None
+    saved = NeuronSet(layers=[], weights_fingerprint=planted_model.weights_fingerprint).save(tmp_path / "set.json")
+    assert load_neuron_set(saved).weights_fingerprint == planted_model.weights_fingerprint

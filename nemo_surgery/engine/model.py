@@ -177,6 +177,11 @@ class LoadedModel:
         return Conditioning(embeds.to(self.dtype), added, truncated)
 
     @cached_property
+    def weights_fingerprint(self) -> str | None:
+        """Byte-level fingerprint of the stored weights (surgery.fingerprint, no config); apply checks it."""
+        return _weights_fingerprint(self)
+
+    @cached_property
     def fingerprint(self) -> str:
         """SHA-256 over the UNet config and the stored value, conv_in and conv_out weights.
 
@@ -199,6 +204,22 @@ class LoadedModel:
             h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
             h.update(tensor.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+
+def _weights_fingerprint(model: LoadedModel) -> str | None:
+    """surgery.fingerprint of the single file or UNet folder the model was loaded from; None if not local safetensors."""
+    from nemo_surgery.errors import NemoError
+    from nemo_surgery.surgery.fingerprint import weights_fingerprint
+
+    source = Path(model.source).expanduser()
+    name = str(getattr(model.unet.config, "_name_or_path", "") or "")
+    where = source if source.is_file() else (Path(name) if name else None)
+    if where is None or not where.is_dir() and not where.is_file():
+        return None
+    try:
+        return weights_fingerprint(where)
+    except NemoError:
+        return None
 
 
 def _stored_tensors(unet_dir: Path, keys: list[str]) -> dict[str, torch.Tensor] | None:

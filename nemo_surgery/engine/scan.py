@@ -185,7 +185,8 @@ def build_neuron_set(
         for r in sorted(results, key=lambda r: r.index)
     ]
     return NeuronSet(
-        layers=entries, fingerprint=model.fingerprint, source=model.source, settings=settings, prompts=prompts
+        layers=entries, fingerprint=model.fingerprint, source=model.source, settings=settings, prompts=prompts,
+        weights_fingerprint=model.weights_fingerprint,
     )
 
 

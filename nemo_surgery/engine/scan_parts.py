@@ -81,6 +81,7 @@ def merge_neuron_sets(paths: Sequence[str | Path], out: str | Path) -> NeuronSet
         for lid, ldm, rows, cols in geometry
     ]
     merged = NeuronSet(layers=layers, fingerprint=first.fingerprint, source=first.source, settings=first.settings,
+                       weights_fingerprint=first.weights_fingerprint,
                        prompts=[prompts[i] for i in sorted(prompts)])
     merged.save(out)
     return merged
