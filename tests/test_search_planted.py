@@ -1,0 +1,42 @@
+"""The split search on the planted UNet: same neurons as NeMo's sequential order, 5x fewer UNet calls, 1-minimal."""
+
+import pytest
+import torch
+
+from nemo_surgery.engine.layers import select_layers
+from nemo_surgery.engine.prompts import Prompt
+from nemo_surgery.engine.scan import run_scan
+from nemo_surgery.engine.score import Scorer
+from nemo_surgery.engine.selection import SelectionSettings
+from tests.models.plant import TRIGGER_PROMPT
+
+
+def test_split_needs_five_times_fewer_unet_calls_than_the_reference_order(planted, planted_model, planted_stats, tmp_path):
+    """theta from 1 over every value layer: ~80 candidates, of which the planted rows 3 and 7 are needed."""
+    stats_path, stats = planted_stats
+    _, plant = planted
+    results = {}
+    for strategy in ("reference", "split"):
+        summary = run_scan(planted_model, stats, stats_path, [Prompt(0, TRIGGER_PROMPT, 1)], tmp_path / f"{strategy}.json",
+                           layers="all", batch_size=40, selection=SelectionSettings(theta_start=1.0, strategy=strategy))
+        results[strategy] = summary.results[0]
+    ref, ours = results["reference"], results["split"]
+    assert ref.initial_count == ours.initial_count >= 50
+    assert ours.neurons == ref.neurons == {plant.layer_id: sorted(plant.rows)}
+    assert ours.unet_calls * 5 <= ref.unet_calls, (ours.unet_calls, ref.unet_calls)
+    assert ours.samples < ref.samples
+    # the contract, re-measured: F mitigates and F minus any one neuron does not
+    layers = select_layers(planted_model.layers, "all")
+    scorer = Scorer(planted_model, layers, stats.settings, batch_size=40)
+    cond = planted_model.encode([TRIGGER_PROMPT])
+    base = scorer.noise_differences(cond)[0]
+    kept = torch.tensor(ours.kept_seeds)
+    flat = torch.zeros(scorer.total_neurons, dtype=torch.bool)
+    for layer, sl in zip(layers, scorer.slices):
+        flat[[sl.start + n for n in ours.neurons.get(layer.id, [])]] = True
+    members = torch.nonzero(flat).flatten()
+    masks = flat.repeat(members.numel() + 1, 1)
+    masks[torch.arange(1, members.numel() + 1), members] = False
+    scores = scorer.mitigation_scores(cond, base, kept, masks)
+    assert scores[0] < stats.tau and scores[0].item() == pytest.approx(ours.final_score, abs=1e-5)
+    assert (scores[1:] >= stats.tau).all()
