@@ -1,104 +1,174 @@
-"""Benchmark the scan on the planted tiny pipeline: throughput, UNet work, time per stage.
+"""Benchmark the localization search: NeMo's sequential order against adaptive splitting.
 
-Prints, measured in one run: prompts per second, UNet calls and samples per
-memorized prompt, seconds per stage, and the ratio of UNet calls with
-speculative batching (default --batch-size) to one candidate set per call
-(--batch-size equal to the number of kept seeds), which is the sequential
-NeMo reference behaviour. Run: python benchmarks/bench_scan.py
+In one run, on the same prompts, scans three models with the ``reference``
+strategy (NeMo's order: one candidate set per UNet call, one layer pass and one
+neuron pass) and with ``split`` (the default: adaptive splitting of the
+z-ordered candidates, several sets per call, a certification call), and prints
+per memorized prompt: UNet calls, UNet samples, wall seconds, samples per
+second, neurons found, and the ratios.
+
+* ``planted``: tests/models/plant.py (rows 3 and 7 of mid_block carry the trigger), theta from 2
+  (--planted-theta) so that the initial candidate set is larger than the two planted rows;
+* ``demo``: the shipped demo model with its stats.json, --layers all (as `make demo`);
+* ``many``: a planted model whose memorization needs four neurons, all of which must
+  be blocked, scanned over every value layer from theta = 1, so the initial
+  candidate set has well over a hundred neurons and refinement has real work.
+
+Run: python benchmarks/bench_scan.py [--cases planted,demo,many] [--batch-size 40]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.models
 
+from nemo_surgery.demo.paths import DEMO_MODEL_DIR, DEMO_STATS
 from nemo_surgery.engine.model import load_model
 from nemo_surgery.engine.prompts import Prompt
-from nemo_surgery.engine.scan import run_scan
+from nemo_surgery.engine.scan import ScanSummary, run_scan
 from nemo_surgery.engine.score import ScoreSettings
 from nemo_surgery.engine.selection import SelectionSettings
 from nemo_surgery.engine.ssim import SSIMConfig
-from nemo_surgery.engine.stats import compute_stats
-from tests.models.plant import ORDINARY_PROMPTS, TRIGGER_PROMPT, build_planted_pipeline
+from nemo_surgery.engine.stats import compute_stats, load_stats
+from nemo_surgery.errors import InputError
+from tests.models.plant import ORDINARY_PROMPTS, TRIGGER_PROMPT, PlantSpec, build_planted_pipeline
 from tests.models.tiny import save_pipeline
 
-MEMORIZED = [TRIGGER_PROMPT, "an astronaut on the moon", "a painting of an astronaut by a famous artist",
-             "two astronaut shapes on a blue background"]
-ORDINARY = ["a photo of a dog", "a small black cat on a red house", "a green tree on a mountain", "a city at night"]
+PLANTED_PROMPTS = [TRIGGER_PROMPT, "an astronaut on the moon", "a painting of an astronaut by a famous artist",
+                   "two astronaut shapes on a blue background", "a photo of a dog", "a city at night"]
+DEMO_PROMPTS = Path(__file__).resolve().parents[1] / "prompts" / "demo_memorized.txt"
+DEMO_HOLDOUT = DEMO_PROMPTS.with_name("demo_holdout.txt")
+#: The many-candidate plant: four rows, each enough on its own to keep the memorized pattern.
+MANY_SPEC = PlantSpec(channels=64, rows=(3, 7, 20, 41), seed=1)
+MANY_PROMPTS = [TRIGGER_PROMPT, "an astronaut on the moon"]
+STRATEGIES = ("reference", "split")
 
 
-def _scan(model, stats, stats_path, prompts, out, batch_size, selection):
+@dataclass
+class Case:
+    """One benchmark model: where it is, its statistics, prompts, layers and selection schedule."""
+
+    name: str
+    model_dir: Path
+    stats_path: Path
+    prompts: list[str]
+    layers: str
+    theta_start: float
+
+
+def _planted_case(tmp: Path, name: str, spec: PlantSpec, prompts: list[str], layers: str, theta: float,
+                  batch_size: int) -> Case:
+    folder = tmp / name
+    pipe, _ = build_planted_pipeline(spec)
+    save_pipeline(pipe, folder)
+    model = load_model(folder, device="cpu")
+    _, h, w = model.latent_shape
+    stats = compute_stats(model, list(ORDINARY_PROMPTS), ScoreSettings(ssim=SSIMConfig.fit(h, w)), batch_size=batch_size)
+    stats_path = tmp / f"{name}-stats.json"
+    stats.save(stats_path)
+    return Case(name, folder, stats_path, prompts, layers, theta)
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _demo_case(tmp: Path, batch_size: int) -> Case:
+    """The shipped demo model and statistics; recomputed with the shipped settings if their format is outdated."""
+    stats_path = DEMO_STATS
+    try:
+        load_stats(stats_path)
+    except InputError:
+        settings = ScoreSettings.from_json(json.loads(DEMO_STATS.read_text())["settings"])
+        model = load_model(DEMO_MODEL_DIR, device="cpu")
+        stats_path = tmp / "demo-stats.json"
+        compute_stats(model, _lines(DEMO_HOLDOUT), settings, batch_size=batch_size).save(stats_path)
+        print(f"  [demo: shipped statistics are an older format; recomputed on {DEMO_HOLDOUT.name}]", file=sys.stderr)
+    return Case("demo", DEMO_MODEL_DIR, stats_path, _lines(DEMO_PROMPTS), "all", 5.0)
+
+
+def _run(case: Case, strategy: str, batch_size: int, tmp: Path) -> tuple[ScanSummary, float]:
+    model = load_model(case.model_dir, device="cpu")
+    stats = load_stats(case.stats_path)
+    prompts = [Prompt(i, t, i + 1) for i, t in enumerate(case.prompts)]
+    selection = SelectionSettings(theta_start=case.theta_start, strategy=strategy)
     started = time.perf_counter()
-    summary = run_scan(model, stats, stats_path, prompts, out, batch_size=batch_size, force=True,
-                       selection=selection)
+    summary = run_scan(model, stats, case.stats_path, prompts, tmp / f"{case.name}-{strategy}.json", layers=case.layers,
+                       batch_size=batch_size, force=True, selection=selection)
     return summary, time.perf_counter() - started
+
+
+def _row(case: Case, strategy: str, summary: ScanSummary, wall: float) -> dict:
+    memorized = [r for r in summary.results if r.memorized and r.mitigated]
+    mean = lambda attr: statistics.mean(getattr(r, attr) for r in memorized) if memorized else float("nan")  # noqa: E731
+    return {
+        "case": case.name, "strategy": strategy, "memorized": len(memorized),
+        "candidates": mean("initial_count"), "calls": mean("unet_calls"), "samples": mean("samples"),
+        "seconds": mean("seconds"), "set": mean("count"), "sets": [r.count for r in memorized],
+        "samples_per_s": summary.samples / wall if wall else float("nan"),
+        "not_mitigated": len(summary.not_mitigated), "neurons": [r.neurons for r in summary.results],
+    }
+
+
+def _print(rows: list[dict], args) -> None:
+    print(f"\nbench_scan  (CPU, {args.threads} threads, batch size {args.batch_size}; per memorized and mitigated prompt)")
+    head = ("case", "strategy", "prompts", "candidates", "UNet calls", "samples", "seconds", "samples/s", "set size",
+            "sizes")
+    print("  " + "  ".join(f"{h:>11}" for h in head))
+    for r in rows:
+        cells = (r["case"], r["strategy"], str(r["memorized"]), f"{r['candidates']:.1f}", f"{r['calls']:.1f}",
+                 f"{r['samples']:.1f}", f"{r['seconds']:.2f}", f"{r['samples_per_s']:.1f}", f"{r['set']:.2f}",
+                 ",".join(map(str, r["sets"])))
+        print("  " + "  ".join(f"{c:>11}" for c in cells))
+    print("  ratios, reference / split (higher = split needs less):")
+    for name in dict.fromkeys(r["case"] for r in rows):
+        ref, ours = (next(r for r in rows if r["case"] == name and r["strategy"] == s) for s in STRATEGIES)
+        same = "same neurons" if ref["neurons"] == ours["neurons"] else "different neurons"
+        print(f"    {name:>8}: UNet calls {ref['calls'] / ours['calls']:.1f}x, samples {ref['samples'] / ours['samples']:.1f}x, "
+              f"wall {ref['seconds'] / ours['seconds']:.1f}x; set size {ours['set']:.2f} vs {ref['set']:.2f} ({same}); "
+              f"not mitigated: {ref['not_mitigated']} / {ours['not_mitigated']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=40, help="UNet samples per call (10 kept seeds: 4 sets per call)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--theta-start", type=float, default=2.0,
-                        help="Start of the initial selection (NeMo: 5); 2 makes candidate sets large, "
-                        "so refinement has real work to do")
+    parser.add_argument("--cases", default="planted,demo,many")
+    parser.add_argument("--planted-theta", type=float, default=2.0,
+                        help="theta start on the planted model (NeMo: 5, where the first candidate set is already "
+                        "the two planted rows; 2 gives refinement work)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "planted"
-        pipe, _ = build_planted_pipeline()
-        save_pipeline(pipe, folder)
-        model = load_model(folder, device="cpu")
-        _, h, w = model.latent_shape
-        settings = ScoreSettings(ssim=SSIMConfig.fit(h, w))
-        started = time.perf_counter()
-        stats = compute_stats(model, list(ORDINARY_PROMPTS), settings, batch_size=args.batch_size)
-        stats_seconds = time.perf_counter() - started
-        stats_path = Path(tmp) / "stats.json"
-        stats.save(stats_path)
-        texts = MEMORIZED + ORDINARY
-        prompts = [Prompt(i, t, i + 1) for i, t in enumerate(texts)]
-        selection = SelectionSettings(theta_start=args.theta_start)
-        _scan(model, stats, stats_path, prompts[:1], Path(tmp) / "warm.json", args.batch_size, selection)
-        batched, batched_s = _scan(model, stats, stats_path, prompts, Path(tmp) / "a.json", args.batch_size, selection)
-        kept = max(len(r.kept_seeds) for r in batched.results if r.memorized)
-        sequential, sequential_s = _scan(model, stats, stats_path, prompts, Path(tmp) / "b.json", kept, selection)
-
-    def per_memorized(summary, attr):
-        return statistics.mean(getattr(r, attr) for r in summary.results if r.memorized)
-
-    def stage(summary, name):
-        return statistics.mean(r.stage_seconds.get(name, 0.0) for r in summary.results if r.memorized)
-
-    same = [r.neurons for r in batched.results] == [r.neurons for r in sequential.results]
-    rows = [
-        ("hold-out statistics (16 prompts)", f"{stats_seconds:.2f} s", ""),
-        ("prompts scanned (4 memorized, 4 ordinary)", str(len(prompts)), ""),
-        ("initial candidate neurons per memorized prompt", f"{per_memorized(batched, 'initial_count'):.1f}", ""),
-        ("prompts per second", f"{len(prompts) / batched_s:.2f}", f"sequential: {len(prompts) / sequential_s:.2f}"),
-        ("UNet calls per memorized prompt", f"{per_memorized(batched, 'unet_calls'):.1f}",
-         f"sequential: {per_memorized(sequential, 'unet_calls'):.1f}"),
-        ("UNet samples per memorized prompt", f"{per_memorized(batched, 'samples'):.1f}",
-         f"sequential: {per_memorized(sequential, 'samples'):.1f}"),
-        ("seconds: detection", f"{stage(batched, 'detect'):.3f}", f"sequential: {stage(sequential, 'detect'):.3f}"),
-        ("seconds: initial selection", f"{stage(batched, 'initial'):.3f}", f"sequential: {stage(sequential, 'initial'):.3f}"),
-        ("seconds: refinement", f"{stage(batched, 'refine'):.3f}", f"sequential: {stage(sequential, 'refine'):.3f}"),
-        ("UNet calls, batched / sequential", f"{batched.unet_calls / sequential.unet_calls:.2f}", ""),
-        ("wall time, batched / sequential", f"{batched_s / sequential_s:.2f}", ""),
-        ("same neuron sets", str(same), f"neurons: {batched.total_neurons}"),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print(f"bench_scan  (planted tiny pipeline, CPU, {args.threads} threads, batch size {args.batch_size}, "
-          f"theta from {args.theta_start})")
-    for name, value, note in rows:
-        print(f"  {name:<{width}}  {value:>10}  {note}")
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for name in wanted:
+            if name == "planted":
+                case = _planted_case(tmp, "planted", PlantSpec(), PLANTED_PROMPTS, "default", args.planted_theta, args.batch_size)
+            elif name == "many":
+                case = _planted_case(tmp, "many", MANY_SPEC, MANY_PROMPTS, "all", 1.0, args.batch_size)
+            elif name == "demo":
+                case = _demo_case(tmp, args.batch_size)
+            else:
+                raise SystemExit(f"unknown case {name!r}; use planted, demo, many")
+            for strategy in STRATEGIES:
+                summary, wall = _run(case, strategy, args.batch_size, tmp)
+                rows.append(_row(case, strategy, summary, wall))
+                print(f"  [{name} / {strategy}: {wall:.1f} s]", file=sys.stderr, flush=True)
+            _print(rows[-len(STRATEGIES):], args)
+    if len(wanted) > 1:
+        _print(rows, args)
 
 
 if __name__ == "__main__":
