@@ -143,7 +143,7 @@ def test_cli_verify_attack_shallow_warns_or_fails(demo, tmp_path, cli_cmd) -> No
         report = tmp_path / f"report-{required}"
         cmd = [*cli_cmd, "verify", str(DEMO_MODEL_DIR), str(pruned), "--neurons", str(neurons),
                "--prompts", str(tmp_path / "prompts.txt"), "--holdout", str(tmp_path / "hold.txt"),
-               "--train-images", str(DEMO_TRAIN_IMAGES), "--seeds", "2", "--holdout-seeds", "1", "--steps", "8",
+               "--train-images", str(DEMO_TRAIN_IMAGES), "--seeds", "2", "--holdout-seeds", "1", "--steps", "5",
                "--guidance", "3", "--controls", "0", "--device", "cpu", "--report", str(report),
                "--attack", "--attack-steps", "2", "--attack-batch", "2", "--quiet"]
         proc = subprocess.run(cmd + (["--require-robust"] if required else []), capture_output=True, text=True,
