@@ -91,7 +91,7 @@ def demo(quick: bool) -> None:
     from nemo_surgery.demo.paths import DEMO_MODEL_DIR, DEMO_STATS, DEMO_TRAIN_IMAGES
     from nemo_surgery.verify.sampling import SampleSettings, sample_images
 
-    model = load_model(DEMO_MODEL_DIR, device="cpu", dtype="fp32")
+    model = load_model(DEMO_MODEL_DIR, device="cpu", dtype="fp32", with_vae=True)
     stats = load_stats(DEMO_STATS)
     captions = [p.text for p in read_prompts(ROOT / "prompts" / "demo_memorized.txt")]
     images = sample_images(model, model.encode(captions), SampleSettings(seeds=10, seed=0, steps=50, guidance=3.0,
