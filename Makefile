@@ -5,9 +5,14 @@ OUT ?= out/demo
 
 .PHONY: install demo test bench lint clean check-floors
 
-install:  ## CPU torch from local disk when no torch is present, then the package with test extras
+install:  ## CPU torch from local disk when no torch is present, the package with test extras, chromium (report screenshot test)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[test]"
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		|| echo "chromium not installed: the report screenshot test will be skipped"; \
+	else echo "no chromium and no apt-get as root: the report screenshot test will be skipped"; fi
 
 demo:  ## the main job on the embedded demo model: scan -> apply -> verify (offline, CPU, a few minutes)
 	mkdir -p $(OUT)

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +29,6 @@ class WorkflowResult:
         return 0 if self.verified is None else self.verified.exit_code
 
 
-def _run_apply(ckpt, neurons_path, neuron_set, **kwargs) -> ApplyResult:
-    # run_apply takes the parsed set once the surgery package accepts it (keyword ``neuron_set``)
-    if "neuron_set" in inspect.signature(run_apply).parameters:
-        return run_apply(ckpt, neurons_path, neuron_set=neuron_set, **kwargs)
-    return run_apply(ckpt, neurons_path, **kwargs)
-
-
 def apply_and_verify(
     ckpt: str | Path,
     neurons: str | Path,
@@ -59,7 +51,7 @@ def apply_and_verify(
     wanted = verify is not None and loadable_pipeline(ckpt)
     run_it = wanted and not (dry_run or in_place)
     inputs = precheck_inputs(neurons_path, verify, neuron_set=neuron_set) if run_it else None
-    result = _run_apply(ckpt, neurons_path, neuron_set, out=out, in_place=in_place, dry_run=dry_run, force=force)
+    result = run_apply(ckpt, neurons_path, neuron_set=neuron_set, out=out, in_place=in_place, dry_run=dry_run, force=force)
     if applied is not None:
         applied(result)
     if not run_it:

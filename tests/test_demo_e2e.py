@@ -2,8 +2,8 @@
 
 The demo model really memorizes the astronaut portrait (10 of 10 seeds). NeMo's scan
 finds a small set in the value layers (with the shipped statistics: guidance 7.5, all
-layers); pruning removes the memorized image from full samples, and verification reports
-the hold-out drift honestly (docs/demo-model.md has the full numbers).
+layers); pruning removes the memorized image from every fresh seed, better than random sets of the
+same shape, and verification reports harm against those controls (docs/demo-model.md).
 """
 
 from pathlib import Path
@@ -44,26 +44,27 @@ def test_astronaut_detected_and_localized_holdout_not(demo_scan):
     assert not any(r.memorized for r in others)
 
 
-def test_pruned_demo_model_loses_the_memorized_image(demo_scan, tmp_path):
+def test_pruned_demo_model_verdict_with_its_reasons(demo_scan, tmp_path):
+    """The found set removes the astronaut from every fresh seed, specifically; the verdict's reasons say why."""
     _, neurons, stats = demo_scan
     pruned = tmp_path / "pruned"
     applied = run_apply(DEMO_MODEL_DIR, neurons, out=pruned)
     assert applied.ok
     holdout = tmp_path / "holdout.txt"
-    holdout.write_text("\n".join(p.text for p in read_prompts(ROOT / "prompts" / "demo_holdout.txt")[:6]) + "\n")
+    holdout.write_text("\n".join(p.text for p in read_prompts(ROOT / "prompts" / "demo_holdout.txt")[:8]) + "\n")
     memorized = tmp_path / "memorized.txt"
     memorized.write_text("a portrait of an astronaut\n")
-    options = VerifyOptions(
-        stats=DEMO_STATS, prompts=memorized, holdout=holdout, train_images=TRAIN_IMAGES,
-        seeds=3, steps=20, guidance=3.0, device="cpu",
-    )
+    options = VerifyOptions(stats=DEMO_STATS, prompts=memorized, holdout=holdout, train_images=TRAIN_IMAGES,
+                            seeds=6, steps=20, guidance=3.0, holdout_seeds=4, controls=2, device="cpu")
     result = run_verify(DEMO_MODEL_DIR, pruned, neurons, options)
-    check = result.checks[0]
-    assert check.train_before is not None and max(check.train_before) > 0.5  # it was memorized
-    assert max(check.train_after) < 0.3  # no after-sample matches the training image
-    assert check.detection_after["mean_pairwise"] < stats.tau
-    assert check.mitigated
-    assert result.equivalence.max_abs_diff == 0.0
-    assert result.drift is not None
-    # the verdict follows the drift limit, whatever the drift is on this tiny model
-    assert result.exit_code == (0 if result.drift.drift <= options.max_drift else 3)
+    (check,) = result.checks
+    assert check.copy.reference == "training image" and result.copy_threshold.calibrated
+    assert check.copy.copies_before >= 1  # the original still reproduces its training image on fresh seeds
+    assert check.copy.copies_after == 0 and check.status == "mitigated"  # no pruned sample does
+    for sims in check.copy.controls:  # random sets of the same shape leave the copy in place
+        assert max(sims) >= result.copy_threshold.value
+    assert result.specificity.specific and result.equivalence.max_abs_diff == 0.0
+    assert result.harm.drift is not None and len(result.harm.drift_controls) == 2
+    # the verdict is decided by harm against the controls only; each failing reason is a harm reason
+    assert not result.all_missing
+    assert result.reasons == result.harm.failures()

@@ -57,29 +57,38 @@ def run_with_status(original, pruned, neurons, options: VerifyOptions, inputs=No
 
 
 def print_summary(result) -> None:
-    """Human summary on stderr: per-prompt table, equivalence, drift, verdict and why."""
+    """Human summary on stderr: per-prompt table, controls, harm, equivalence, verdict and every reason."""
     from rich.table import Table
 
     from nemo_surgery.console import console, info
 
-    table = Table(title=f"verify (tau = {result.tau:.4f}, sample agreement <= {result.max_sample_agreement:.4f})")
-    for col in ("#", "prompt", "detection before", "after", "agreement before", "after", "train SSIM", "verdict"):
+    t = result.copy_threshold
+    table = Table(title=f"verify: per-seed copies on fresh seeds (copy = SSIM >= {t.value:.4f}, "
+                        f"{'calibrated' if t.calibrated else 'NOT calibrated'})")
+    for col in ("#", "prompt", "reference", "copies before", "copies after", "copy rate (95% bound)",
+                "max SSIM after", "controls' max SSIM", "result"):
         table.add_column(col, overflow="fold")
     for c in result.checks:
-        train = f"{max(c.train_after):.3f}" if c.train_after else "-"
-        table.add_row(str(c.index), c.prompt[:40], f"{c.detection_before['mean_pairwise']:.3f}",
-                      f"{c.detection_after['mean_pairwise']:.3f}", f"{c.agreement_before:.3f}",
-                      f"{c.agreement_after:.3f}", train,
-                      "mitigated" if c.mitigated else "[red]STILL MEMORIZED[/red]")
+        color = "green" if c.mitigated else "red"
+        table.add_row(str(c.index), c.prompt[:40], c.copy.reference[:24], f"{c.copy.copies_before}/{c.copy.seeds_before}",
+                      f"{c.copy.copies_after}/{len(c.copy.after)}", f"<= {100 * c.seeds.bound:.1f} %",
+                      f"{max(c.copy.after):.3f}", ", ".join(f"{max(s):.3f}" for s in c.copy.controls) or "-",
+                      f"[{color}]{c.status}[/{color}]")
     console.print(table)
+    info(f"copy threshold source: {t.source}")
+    s = result.specificity
+    if s.measured:
+        info(f"specificity: found set {s.found:.4f} vs controls {', '.join(f'{v:.4f}' for v in s.controls)} -> "
+             f"{'specific' if s.specific else '[red]NOT specific[/red]'} (rank p {s.p_value:.3f})")
+    harm = result.harm
+    if harm.drift is not None:
+        info(f"hold-out drift {harm.drift.drift:.4f} (controls {', '.join(f'{v:.4f}' for v in harm.drift_controls) or '-'})")
+    if harm.loss_increase is not None:
+        info(f"denoising loss {harm.loss_increase:+.4f} relative (controls "
+             f"{', '.join(f'{v:+.4f}' for v in harm.loss_increase_controls()) or '-'})")
     eq = result.equivalence
     info(f"equivalence: max abs diff {eq.max_abs_diff:.3g} (tolerance {eq.tolerance:.3g}) -> "
          f"{'equivalent' if eq.ok else '[red]NOT equivalent[/red]'}")
-    if result.drift is None:
-        info("[yellow]drift NOT measured[/yellow]: pass --holdout PROMPTS to check the rest of the model")
-    else:
-        info(f"hold-out drift {result.drift.drift:.4f} (max {result.max_drift}), mean SSIM {result.drift.mean_ssim:.4f} "
-             f"over {len(result.drift.prompts)} prompts")
     attack = result.sections.get("attack")
     if attack is not None:
         shallow = attack["verdict"] != "robust"
@@ -88,8 +97,10 @@ def print_summary(result) -> None:
              + (" (a warning: --require-robust makes it fail)" if shallow and not attack["required"] else ""))
     for reason in result.reasons:
         info(f"[red]failed:[/red] {reason}")
-    verdict = "[green]verified[/green]" if result.passed else "[red]NOT verified[/red]"
-    info(f"{verdict} (exit {result.exit_code}); report: {result.outputs.get('report_html')}")
+    for missing in result.all_missing:
+        info(f"[yellow]missing:[/yellow] {missing}")
+    color = "green" if result.passed else "red"
+    info(f"[{color}]{result.verdict}[/{color}] (exit {result.exit_code}); report: {result.outputs.get('report_html')}")
 
 
 @click.command("verify")
@@ -101,11 +112,14 @@ def print_summary(result) -> None:
 @json_option
 @run_command
 def verify_command(original, pruned, neurons, quiet, as_json, **values) -> int:
-    """Verify a pruned pipeline against ORIGINAL: re-score, sample, drift, equivalence, report.
+    """Verify a pruned pipeline against ORIGINAL: per-seed copies on fresh seeds, controls, harm, report.
 
     Writes report.json, report.html and MODEL_CARD.md. Exit code is the verdict:
-    0 every memorized prompt mitigated and drift within --max-drift; 3 otherwise;
-    1 when the pruned checkpoint is not equivalent to the hooked original.
+    0 'verified': no fresh seed of any memorized prompt copies its reference,
+    the set beats every random control, and harm on --holdout data is no worse
+    than the controls'; 3 'NOT verified' (failing evidence) or 'unverified'
+    (missing evidence: the report names the flags); 1 when the pruned
+    checkpoint is not equivalent to the hooked original.
     """
     result = run_with_status(original, pruned, neurons, VerifyOptions.from_values(values))
     if as_json:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nemo_surgery.engine.prompts import Prompt, read_prompts
@@ -11,6 +11,7 @@ from nemo_surgery.engine.stats import Stats, load_stats
 from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import NeuronSet, load_neuron_set
 from nemo_surgery.provenance import sha256_file
+from nemo_surgery.verify.harm import ImageCaption, read_image_captions
 from nemo_surgery.verify.options import VerifyOptions
 
 REPORT_DIR_NAME = "nemo_report"
@@ -29,6 +30,7 @@ class VerifyInputs:
     prompts: list[Prompt]
     holdout: list[Prompt]
     train: dict[int, Path]
+    holdout_images: list[ImageCaption] = field(default_factory=list)
 
 
 def resolve_stats_path(explicit: Path | None, neuron_set: NeuronSet, neurons_path: Path) -> Path:
@@ -141,7 +143,10 @@ def precheck_inputs(neurons: str | Path, options: VerifyOptions, neuron_set: Neu
     prompts = memorized_prompts(options, neuron_set, neurons_path)
     holdout = read_prompts(options.holdout, options.column) if options.holdout is not None else []
     if options.holdout is not None and len(holdout) < 2:
-        raise InputError(f"{options.holdout}: at least 2 hold-out prompts are needed (drift and sample agreement)")
+        raise InputError(f"{options.holdout}: at least 2 hold-out prompts are needed (drift and copy threshold)")
+    if options.seed == stats.settings.seed:
+        raise InputError(f"--seed {options.seed} is the seed of scan's detection noise ({stats_path}); pass another "
+                         "--seed so that verification runs on fresh seeds")
     for name, value in (("--sscd", options.sscd), ("--clip", options.clip)):
         if value is not None and not Path(value).exists():
             raise InputError(f"{value}: {name} path not found (optional metrics are read from local files only)")
@@ -149,5 +154,6 @@ def precheck_inputs(neurons: str | Path, options: VerifyOptions, neuron_set: Neu
         raise InputError(f"{options.sscd}: --sscd takes a TorchScript file")
     if options.clip is not None and not Path(options.clip).is_dir():
         raise InputError(f"{options.clip}: --clip takes a local model folder")
+    pairs = read_image_captions(options.holdout_images) if options.holdout_images is not None else []
     return VerifyInputs(neurons_path, neuron_set, blocked, stats_path, stats, prompts, holdout,
-                        train_image_map(options.train_images, prompts))
+                        train_image_map(options.train_images, prompts), pairs)

@@ -1,30 +1,45 @@
-"""Orchestrate verification of a pruned pipeline against its original: phases in order, then the report."""
+"""Orchestrate verification of a pruned pipeline against its original: phases in order, then the report.
+
+Phases: load and match models; equivalence; first-step scores on fresh seeds
+(found set and controls); full samples on fresh seeds (original, pruned, each
+control); hold-out samples (drift, copy-threshold calibration); denoising loss;
+per-prompt judgement; specificity and harm against the controls; report.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from nemo_surgery.engine.detection import decide, rule_text
+from nemo_surgery.engine.hooks import ValueMask, blocked_masks
 from nemo_surgery.engine.model import LoadedModel, load_model
 from nemo_surgery.engine.score import Scorer
-from nemo_surgery.engine.ssim import ms_ssim
 from nemo_surgery.engine.stats import check_stats_match
 from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import NeuronSet
 from nemo_surgery.provenance import sha256_file
 from nemo_surgery.verify.attack_phase import verify_attack
+from nemo_surgery.verify.controls import DRIFT_MARGIN, LOSS_MARGIN, Specificity, draw_controls, no_worse_than_controls
+from nemo_surgery.verify.copies import calibrate_copy_threshold, check_copies, copy_quantile, prompt_reference
 from nemo_surgery.verify.drift import DriftResult, sample_drift, value_output_change
 from nemo_surgery.verify.equivalence import check_equivalence
+from nemo_surgery.verify.harm import denoising_loss, prepare_loss_probe
 from nemo_surgery.verify.inputs import VerifyInputs, check_pipelines, default_report_dir, digest_model, precheck_inputs
-from nemo_surgery.verify.judge import agreement, agreement_threshold, detection_json, judge
-from nemo_surgery.verify.metrics import load_image, paired_ssim, pairwise_ssim, to_reference
+from nemo_surgery.verify.judge import agreement, judge, scan_record
+from nemo_surgery.verify.metrics import load_image
 from nemo_surgery.verify.optional import optional_metrics
 from nemo_surgery.verify.options import VerifyOptions
 from nemo_surgery.verify.report import write_reports
-from nemo_surgery.verify.result import PromptCheck, VerifyResult
-from nemo_surgery.verify.sampling import sample_images
+from nemo_surgery.verify.result import Harm, PromptCheck, VerifyResult
+from nemo_surgery.verify.sampling import sample_images, sample_sets
+
+MEMORIZATION_METRIC = "mean over prompts of the highest after-pruning SSIM to the reference"
 
 
 def check_set_matches(neuron_set: NeuronSet, model: LoadedModel, path: Path, check_fingerprint: bool = True) -> None:
@@ -42,6 +57,11 @@ def check_set_matches(neuron_set: NeuronSet, model: LoadedModel, path: Path, che
                              f"in {model.source}")
 
 
+def _drift_of(before: np.ndarray, after: np.ndarray) -> float:
+    """1 - mean SSIM of paired samples [P, N, ...] (the drift metric)."""
+    return DriftResult(sample_drift(list(range(len(before))), [""] * len(before), before, after)).drift
+
+
 def run_verify(
     original: str | Path,
     pruned: str | Path,
@@ -54,8 +74,9 @@ def run_verify(
 
     ``stage(text)`` is called when a phase starts (progress reporting).
     ``inputs`` are the already-resolved inputs (``precheck_inputs``), resolved
-    here when None. The pruned pipeline is loaded fresh, without hooks. Raises
-    InputError for bad input; the verdict itself is in the result (``exit_code``).
+    here when None. The pruned pipeline is loaded fresh, without hooks; the
+    controls are blocked by hook on the original (equivalence shows the two
+    agree). Raises InputError for bad input; the verdict is in the result.
     """
     started = time.perf_counter()
     say = stage or (lambda _text: None)
@@ -66,117 +87,177 @@ def run_verify(
     sampling = options.sampling
 
     say("loading models")
-    orig_model = load_model(original, device=options.device, dtype=options.dtype, with_vae=True)
-    check_stats_match(got.stats, orig_model, got.stats_path)
-    check_set_matches(got.neuron_set, orig_model, got.neurons_path)
-    pruned_model = load_model(pruned, device=options.device, dtype=options.dtype, with_vae=True)
-    check_set_matches(got.neuron_set, pruned_model, got.neurons_path, check_fingerprint=False)
+    orig = load_model(original, device=options.device, dtype=options.dtype, with_vae=True)
+    check_stats_match(got.stats, orig, got.stats_path)
+    check_set_matches(got.neuron_set, orig, got.neurons_path)
+    pmodel = load_model(pruned, device=options.device, dtype=options.dtype, with_vae=True)
+    check_set_matches(got.neuron_set, pmodel, got.neurons_path, check_fingerprint=False)
     tau = got.stats.tau
     notes: list[str] = []
     prompts, holdout, train = got.prompts, got.holdout, got.train
+    controls = draw_controls(got.blocked, {layer.id: layer.rows for layer in orig.layers}, options.controls,
+                             options.control_seed)
 
     say("equivalence check")
-    scorer_o = Scorer(orig_model, orig_model.layers, got.stats.settings, options.score_batch_size)
-    scorer_p = Scorer(pruned_model, pruned_model.layers, got.stats.settings, options.score_batch_size)
+    fresh = replace(got.stats.settings, seed=options.seed)
+    scorer_o = Scorer(orig, orig.layers, fresh, options.score_batch_size)
+    scorer_p = Scorer(pmodel, pmodel.layers, fresh, options.score_batch_size)
     eq_prompts = [p.text for p in prompts[:2]] + [p.text for p in holdout[:2]]
-    equivalence = check_equivalence(orig_model, pruned_model, got.blocked, eq_prompts,
+    equivalence = check_equivalence(orig, pmodel, got.blocked, eq_prompts,
                                     scorer_o.latents[: max(1, options.equivalence_seeds)], scorer_o.timestep)
 
-    say("detection scores before/after")
+    say(f"first-step scores on fresh seeds: original, pruned, {len(controls)} control(s)")
     texts = [p.text for p in prompts]
-    cond_o, cond_p = orig_model.encode(texts), pruned_model.encode(texts)
-    deltas_o = scorer_o.noise_differences(cond_o)
-    deltas_p = scorer_p.noise_differences(cond_p)
-    dets_o = [scorer_o.detect(d, tau) for d in deltas_o]
-    dets_p = [scorer_p.detect(d, tau) for d in deltas_p]
+    cond_o, cond_p = orig.encode(texts), pmodel.encode(texts)
+    calibration = got.stats.calibration  # THE detection rule (engine/detection.py), scan's thresholds
 
-    say(f"sampling {len(prompts)} memorized prompt(s) x {sampling.seeds} seeds, before and after")
-    mem_before = sample_images(orig_model, cond_o, sampling).numpy()
-    mem_after = sample_images(pruned_model, cond_p, sampling).numpy()
+    def detect(scorer: Scorer, cond) -> list:
+        return [decide(scorer.pairwise(d), calibration) for d in scorer.noise_differences(cond)]
 
-    drift = None
-    hold_before = hold_after = None
-    holdout_agreement: list[float] = []
+    dets_o, dets_p = detect(scorer_o, cond_o), detect(scorer_p, cond_p)
+    dets_c = []
+    for control in controls:
+        with ValueMask(orig.layers, blocked_masks(orig.layers, control, device=orig.device)):
+            dets_c.append(detect(scorer_o, cond_o))
+
+    say(f"sampling {len(prompts)} memorized prompt(s) x {sampling.seeds} fresh seeds: original, pruned, "
+        f"{len(controls)} control(s)")
+    orig_sets = sample_sets(orig, cond_o, sampling, [{}, *controls]).numpy()
+    mem_before, mem_controls = orig_sets[0], orig_sets[1:]
+    mem_after = sample_images(pmodel, cond_p, sampling).numpy()
+
+    harm = Harm(drift=None, max_drift=options.max_drift, max_loss_increase=options.max_loss_increase,
+                margins={"drift": DRIFT_MARGIN, "loss": LOSS_MARGIN})
+    hold_before = hold_after = calibration_samples = None
     if holdout:
-        say(f"sampling {len(holdout)} hold-out prompt(s) x {sampling.seeds} seeds, before and after")
+        hs = replace(sampling, seeds=options.holdout_seeds, seed=options.seed + 1)  # independent of the judged seeds
+        ds = replace(hs, seeds=min(options.drift_seeds, options.holdout_seeds), seed=options.seed + 2)
+        say(f"sampling {len(holdout)} hold-out prompt(s): {hs.seeds} own seeds each on the original (copy threshold), "
+            f"{ds.seeds} on the original, the pruned model and {len(controls)} control(s) (drift)")
         htexts = [p.text for p in holdout]
-        cond_ho, cond_hp = orig_model.encode(htexts), pruned_model.encode(htexts)
-        hold_before = sample_images(orig_model, cond_ho, sampling).numpy()
-        hold_after = sample_images(pruned_model, cond_hp, sampling).numpy()
-        drift = DriftResult(sample_drift([p.index for p in holdout], htexts, hold_before, hold_after),
-                            value_output_change(orig_model.layers, pruned_model.layers, cond_ho.hidden, cond_hp.hidden))
-        holdout_agreement = [float(v) for imgs in hold_before for v in pairwise_ssim(imgs)]
-    else:
-        notes.append("DRIFT NOT MEASURED: no --holdout prompts were given; the verdict does not cover harm to "
-                     "non-memorized prompts")
-    max_agreement, agreement_source = agreement_threshold(options.max_sample_agreement, holdout_agreement,
-                                                          sampling.seeds, notes)
+        cond_ho, cond_hp = orig.encode(htexts), pmodel.encode(htexts)
+        calibration_samples = sample_images(orig, cond_ho, hs, seeds_per_prompt=True).numpy()
+        hold_sets = sample_sets(orig, cond_ho, ds, [{}, *controls], seeds_per_prompt=True).numpy()
+        hold_before = hold_sets[0]
+        hold_after = sample_images(pmodel, cond_hp, ds, seeds_per_prompt=True).numpy()
+        harm.drift = DriftResult(sample_drift([p.index for p in holdout], htexts, hold_before, hold_after),
+                                 value_output_change(orig.layers, pmodel.layers, cond_ho.hidden, cond_hp.hidden))
+        harm.drift_controls = [_drift_of(hold_before, c) for c in hold_sets[1:]]
+        _, harm.drift_limit_controls = no_worse_than_controls(harm.drift.drift, harm.drift_controls, DRIFT_MARGIN)
+    if got.holdout_images:
+        say(f"denoising loss on {len(got.holdout_images)} hold-out image-caption pair(s)")
+        probe = prepare_loss_probe(orig, got.holdout_images)
+        captions = [p.caption for p in got.holdout_images]
+        cap_o = orig.encode(captions)
+        harm.loss_pairs = len(captions)
+        harm.loss_before = denoising_loss(orig, probe, cap_o)
+        harm.loss_after = denoising_loss(pmodel, probe, pmodel.encode(captions))
+        harm.loss_controls = [denoising_loss(orig, probe, cap_o, c) for c in controls]
+        _, harm.loss_limit_controls = no_worse_than_controls(harm.loss_increase, harm.loss_increase_controls(),
+                                                             LOSS_MARGIN)
 
-    say("comparing samples")
-    checks = []
+    say("judging every seed against its reference")
     h, w = mem_before.shape[2], mem_before.shape[3]
+    refs = [prompt_reference(mem_before[k], load_image(train[p.index], h, w) if p.index in train else None)
+            for k, p in enumerate(prompts)]
+    threshold = calibrate_copy_threshold(calibration_samples, [r[0] for r in refs], options.copy_threshold,
+                                         copy_quantile(options.seeds))
+    checks = []
     for k, p in enumerate(prompts):
-        det_b, det_a = dets_o[k], dets_p[k]
-        kept = det_b.kept
-        first = (float(ms_ssim(deltas_o[k][kept], deltas_p[k][kept], got.stats.settings.ssim).max())
-                 if kept.numel() else None)
+        ref, name, ref_seed = refs[k]
         check = PromptCheck(
             index=p.index, prompt=p.text,
-            detection_before=detection_json(det_b, tau), detection_after=detection_json(det_a, tau),
-            first_step_similarity=first,
+            detection_before=dets_o[k].to_json(), detection_after=dets_p[k].to_json(),
+            copy=check_copies(mem_before[k], mem_after[k], [c[k] for c in mem_controls], ref, name, ref_seed,
+                              threshold.value),
             agreement_before=agreement(mem_before[k]), agreement_after=agreement(mem_after[k]),
-            before_vs_after=[float(v) for v in paired_ssim(mem_before[k], mem_after[k])],
+            detection_controls=[d[k].mean_pairwise for d in dets_c],
+            agreement_controls=[agreement(c[k]) for c in mem_controls],
+            scan_record=scan_record(got.neuron_set.prompts, p.index, p.text),
+            train_image=str(train[p.index]) if p.index in train else None,
         )
-        if p.index in train:
-            ref = load_image(train[p.index], h, w)
-            check.train_image = str(train[p.index])
-            check.train_before = to_reference(mem_before[k], ref).tolist()
-            check.train_after = to_reference(mem_after[k], ref).tolist()
-        judge(check, tau, max_agreement, options.max_train_similarity)
+        judge(check, threshold.calibrated)
         checks.append(check)
+    specificity = Specificity(
+        MEMORIZATION_METRIC, float(np.mean([max(c.copy.after) for c in checks])),
+        [float(np.mean([max(c.copy.controls[r]) for c in checks])) for r in range(len(controls))])
+    checked_texts = {c.prompt for c in checks}
+    scan_unmitigated = [p for p in got.neuron_set.prompts if p.get("memorized") and p.get("mitigated") is False
+                        and p.get("prompt") not in checked_texts]
+    missing = _missing(options, holdout, threshold.calibrated, controls)
 
-    optional = optional_metrics(options.sscd, options.clip, orig_model.device, prompts, train, mem_before, mem_after,
+    optional = optional_metrics(options.sscd, options.clip, orig.device, prompts, train, mem_before, mem_after,
                                 holdout, hold_before, hold_after)
-    settings = {
-        "sampling": {**sampling.to_json(), "scheduler": "DDIM (eta 0)", "generator": "one CPU generator, seeded once",
-                     "decode": "pipeline VAE"},
-        "score": got.stats.settings.to_json(),
-        "ssim": "scikit-image structural_similarity, channel_axis=-1, data_range=1, win_size=min(7, image side, odd)",
-        "device": str(orig_model.device), "dtype": options.dtype,
-        "equivalence": {"prompts": len(eq_prompts), "seeds": max(1, options.equivalence_seeds),
-                        "timestep": int(scorer_o.timestep), "guidance": 0.0},
-    }
     result = VerifyResult(
         original=str(original), pruned=str(pruned), neurons=str(got.neurons_path), report_dir=report_dir, tau=tau,
-        max_sample_agreement=max_agreement, agreement_source=agreement_source,
-        max_train_similarity=options.max_train_similarity, max_drift=options.max_drift, checks=checks,
-        equivalence=equivalence, drift=drift, neuron_set=got.neuron_set, settings=settings,
-        inputs=_input_record(got, options, original, pruned, orig_model, pruned_model),
-        holdout_agreement=holdout_agreement, optional=optional, notes=notes,
+        copy_threshold=threshold, checks=checks, equivalence=equivalence, harm=harm, specificity=specificity,
+        neuron_set=got.neuron_set, settings=_settings(options, got, orig, scorer_o, eq_prompts),
+        inputs=_input_record(got, options, original, pruned, orig, pmodel), controls=controls,
+        scan_unmitigated=scan_unmitigated, missing=missing, optional=optional, notes=notes,
     )
-    result.images = {"memorized_before": mem_before, "memorized_after": mem_after}
+    result.images = {"memorized_before": mem_before, "memorized_after": mem_after, "references": [r[0] for r in refs]}
     if hold_before is not None:
         result.images.update(holdout_before=hold_before, holdout_after=hold_after)
     if options.attack:
-        verify_attack(result, orig_model, pruned_model, got, options, progress=say)
+        verify_attack(result, orig, pmodel, got, options, progress=say)
     result.seconds = round(time.perf_counter() - started, 3)
     say("writing report")
     write_reports(result, report_dir)
     return result
 
 
+def _missing(options: VerifyOptions, holdout: list, calibrated: bool, controls: list) -> list[str]:
+    """Run-level evidence that is missing, each with the flags that would supply it."""
+    out = []
+    if not holdout:
+        out.append("no harm measurement and no calibrated copy threshold: pass --holdout PROMPTS (non-memorized "
+                   "prompts; at least 2) and optionally --holdout-images PAIRS (denoising loss)")
+    elif not calibrated:
+        out.append("the copy threshold is not calibrated: pass --holdout PROMPTS or --copy-threshold")
+    if not controls:
+        out.append("specificity not measured (--controls 0): pass --controls R with R >= 1")
+    return out
+
+
+def _settings(options: VerifyOptions, got: VerifyInputs, orig: LoadedModel, scorer: Scorer,
+              eq_prompts: list[str]) -> dict[str, Any]:
+    """The settings record of the report, scan's detection seeds beside verification's fresh ones."""
+    score = got.stats.settings
+    return {
+        "sampling": {**options.sampling.to_json(), "holdout_seeds": options.holdout_seeds,
+                     "drift_seeds": min(options.drift_seeds, options.holdout_seeds), "scheduler": "DDIM (eta 0)",
+                     "generator": "one CPU generator, seeded once", "decode": "pipeline VAE"},
+        "seeds": {"scan_detection": {"seed": score.seed, "count": score.seeds,
+                                     "note": "the latents scan optimised the set on (in-sample)"},
+                  "verification": {"seed": options.seed, "count": options.seeds,
+                                   "note": "fresh: drawn from another generator seed than scan's; used for the "
+                                           "first-step scores and the full samples"}},
+        "controls": {"count": options.controls, "seed": options.control_seed,
+                     "draw": "per layer, as many neurons as the found set, uniformly from the layer's other rows"},
+        "score": {**score.to_json(), "seed": options.seed},
+        "detection_rule": rule_text(got.stats.calibration),
+        "ssim": "scikit-image structural_similarity, channel_axis=-1, data_range=1, win_size=min(7, image side, odd)",
+        "device": str(orig.device), "dtype": options.dtype,
+        "equivalence": {"prompts": len(eq_prompts), "seeds": max(1, options.equivalence_seeds),
+                        "timestep": int(scorer.timestep), "guidance": 0.0},
+    }
+
+
 def _input_record(got: VerifyInputs, options: VerifyOptions, original: Path, pruned: Path,
-                  orig_model: LoadedModel, pruned_model: LoadedModel) -> dict[str, Any]:
+                  orig: LoadedModel, pmodel: LoadedModel) -> dict[str, Any]:
     """Paths and SHA-256 of every input, for the report."""
     inputs: dict[str, Any] = {
-        "original": {"path": str(original), "fingerprint": orig_model.fingerprint, "sha256": digest_model(original)},
-        "pruned": {"path": str(pruned), "fingerprint": pruned_model.fingerprint, "sha256": digest_model(pruned)},
+        "original": {"path": str(original), "fingerprint": orig.fingerprint, "sha256": digest_model(original)},
+        "pruned": {"path": str(pruned), "fingerprint": pmodel.fingerprint, "sha256": digest_model(pruned)},
         "neuron_set": {"path": str(got.neurons_path), "sha256": sha256_file(got.neurons_path)},
         "stats": {"path": str(got.stats_path), "sha256": sha256_file(got.stats_path)},
     }
     for key, value in (("prompts", options.prompts), ("holdout", options.holdout)):
         if value is not None:
             inputs[key] = {"path": str(value), "sha256": sha256_file(value)}
+    if got.holdout_images:
+        inputs["holdout_images"] = [{"path": str(p.image), "caption": p.caption, "sha256": sha256_file(p.image)}
+                                    for p in got.holdout_images]
     if got.train:
         inputs["train_images"] = {str(i): {"path": str(f), "sha256": sha256_file(f)} for i, f in sorted(got.train.items())}
     return inputs

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from nemo_surgery.engine.hooks import ValueMask, blocked_masks
+from nemo_surgery.engine.hooks import ValueMask
 from nemo_surgery.engine.model import Conditioning, LoadedModel
 from nemo_surgery.engine.score import draw_latents
 
@@ -51,41 +51,65 @@ def _decode(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
+def _set_masks(model: LoadedModel, sets: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+    """Per layer, a [S, rows] keep-mask: row s blocks set s's neurons (layers no set touches are omitted)."""
+    by_id = {layer.id: layer for layer in model.layers}
+    ids = sorted({lid for blocked in sets for lid, rows in blocked.items() if len(rows)})
+    out = {}
+    for lid in ids:
+        keep = torch.ones(len(sets), by_id[lid].rows, device=model.device)
+        for s, blocked in enumerate(sets):
+            rows = list(blocked.get(lid, []))
+            if rows:
+                keep[s, torch.as_tensor(rows, dtype=torch.long, device=model.device)] = 0.0
+        out[lid] = keep
+    return out
+
+
 @torch.no_grad()
-def sample_images(
+def sample_sets(
     model: LoadedModel,
     cond: Conditioning,
     settings: SampleSettings,
-    blocked: Mapping[str, Sequence[int]] | None = None,
+    sets: Sequence[Mapping[str, Sequence[int]]] = ({},),
     advance: Callable[[int], None] | None = None,
+    seeds_per_prompt: bool = False,
 ) -> torch.Tensor:
-    """Draw DDIM samples of P prompts x N seeds: float32 [P, N, H, W, 3] in [0, 1].
+    """Draw DDIM samples of S blocked sets x P prompts x N seeds: float32 [S, P, N, H, W, 3] in [0, 1].
 
     The N initial latents come in turn from one CPU generator seeded with
-    ``settings.seed``, so every prompt and every model sees the same noise.
-    DDIM with eta 0 is deterministic after that. ``blocked`` ({layer id: rows})
-    zeroes those value neurons by hook; ``advance(n)`` reports finished samples.
+    ``settings.seed``, so every set, prompt and model sees the same noise.
+    DDIM with eta 0 is deterministic after that. Each set ({layer id: rows})
+    zeroes its value neurons by a per-sample hook mask, so several sets share
+    one UNet batch; ``advance(n)`` reports finished samples. With
+    ``seeds_per_prompt`` every prompt gets its own N latents (P x N draws from
+    the generator: independent samples across prompts, e.g. for calibration).
     """
     from diffusers import DDIMScheduler
 
-    p, n = cond.hidden.shape[0], settings.seeds
-    init = draw_latents(model.latent_shape, n, settings.seed)
-    flat_init = init.repeat(p, 1, 1, 1)
-    prompt_of = torch.arange(p).repeat_interleave(n)
-    masks = blocked_masks(model.layers, blocked or {}, device=model.device)
+    s_count, p, n = len(sets), cond.hidden.shape[0], settings.seeds
+    init = draw_latents(model.latent_shape, p * n if seeds_per_prompt else n, settings.seed)
+    total = s_count * p * n
+    set_of = torch.arange(s_count).repeat_interleave(p * n)
+    prompt_of = torch.arange(p).repeat_interleave(n).repeat(s_count)
+    seed_of = torch.arange(n).repeat(s_count * p)
+    if seeds_per_prompt:
+        seed_of = seed_of + prompt_of * n
+    keep = _set_masks(model, sets)
     use_cfg = settings.guidance > 1.0
     uncond = model.encode([""]) if use_cfg else None
     out = []
-    for start in range(0, p * n, settings.batch_size):
-        sel = prompt_of[start : start + settings.batch_size]
-        b = sel.numel()
-        batch = cond.select(sel.to(cond.hidden.device))
+    for start in range(0, total, settings.batch_size):
+        sl = slice(start, start + settings.batch_size)
+        b = set_of[sl].numel()
+        batch = cond.select(prompt_of[sl].to(cond.hidden.device))
         if use_cfg:
             batch = _cat_cond(uncond.repeat(b), batch)
+        masks = {lid: m[set_of[sl].to(m.device)] for lid, m in keep.items()}
         # the UNet's own prediction type (v for SD 2.x 768-v); DDIM's step converts it
         scheduler = DDIMScheduler.from_config(model.pipe.scheduler.config, prediction_type=model.prediction_type)
         scheduler.set_timesteps(settings.steps, device=model.device)
-        x = (flat_init[start : start + b] * scheduler.init_noise_sigma).to(model.device, model.dtype)
+        x = (init[seed_of[sl]] * scheduler.init_noise_sigma).to(model.device, model.dtype)
         with ValueMask(model.layers, masks):
             for t in scheduler.timesteps:
                 xin = torch.cat([x, x]) if use_cfg else x
@@ -99,4 +123,16 @@ def sample_images(
         if advance is not None:
             advance(b)
     images = torch.cat(out)
-    return images.view(p, n, *images.shape[1:])
+    return images.view(s_count, p, n, *images.shape[1:])
+
+
+def sample_images(
+    model: LoadedModel,
+    cond: Conditioning,
+    settings: SampleSettings,
+    blocked: Mapping[str, Sequence[int]] | None = None,
+    advance: Callable[[int], None] | None = None,
+    seeds_per_prompt: bool = False,
+) -> torch.Tensor:
+    """Draw DDIM samples of P prompts x N seeds with one blocked set (or none): [P, N, H, W, 3]."""
+    return sample_sets(model, cond, settings, [blocked or {}], advance, seeds_per_prompt)[0]

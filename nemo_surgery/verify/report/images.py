@@ -59,3 +59,29 @@ def fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return html.escape(str(value))
+
+
+def comparison_chart_svg(title: str, found: float, controls: list[float], limit: float | None = None,
+                         width: int = 560) -> str:
+    """Inline SVG bars: the found set (red) against each random control (grey), with an optional limit line."""
+    bar_h, gap, label_w = 16, 4, 110
+    values = [found, *controls]
+    labels = ["found set", *(f"control {i + 1}" for i in range(len(controls)))]
+    top = max([abs(v) for v in values] + ([abs(limit)] if limit is not None else []) + [1e-9])
+    scale = (width - label_w - 70) / top
+    height = 22 + len(values) * (bar_h + gap)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{html.escape(title)}"><text x="0" y="14" font-size="13" font-weight="bold">'
+             f'{html.escape(title)}</text>']
+    for k, (label, v) in enumerate(zip(labels, values)):
+        y = 22 + k * (bar_h + gap)
+        color = "#c0392b" if k == 0 else "#95a5a6"
+        length = max(1.0, abs(v) * scale)
+        parts.append(f'<text x="0" y="{y + bar_h - 3}" font-size="12">{label}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{length:.1f}" height="{bar_h}" fill="{color}"/>')
+        parts.append(f'<text x="{label_w + length + 4:.1f}" y="{y + bar_h - 3}" font-size="12">{v:.4f}</text>')
+    if limit is not None:
+        x = label_w + abs(limit) * scale
+        parts.append(f'<line x1="{x:.1f}" y1="18" x2="{x:.1f}" y2="{height}" stroke="#000" stroke-dasharray="4 3"/>')
+    parts.append("</svg>")
+    return "".join(parts)
