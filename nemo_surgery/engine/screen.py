@@ -22,7 +22,7 @@ from nemo_surgery.atomic import atomic_open
 from nemo_surgery.engine.detection import decide_many, rule_text
 from nemo_surgery.engine.model import LoadedModel
 from nemo_surgery.engine.prompts import Prompt
-from nemo_surgery.engine.scan import RecordLog
+from nemo_surgery.engine.records import RecordLog
 from nemo_surgery.engine.score import Scorer, pairwise_indices
 from nemo_surgery.engine.ssim import ms_ssim
 from nemo_surgery.engine.stats import Stats, check_stats_match
