@@ -25,8 +25,10 @@ next run of the same set finishes it (zeroing is idempotent).
 Report locations: a folder output holds ``report.json``/``report.md`` inside it;
 a single-file output gets ``<out>.report.json``/``<out>.report.md`` beside it.
 Ctrl-C and SIGTERM raise ``ApplyInterrupted`` (exit 130) whose message says what
-is on disk. This module is over 350 lines because it is the one place that
-orders these steps; the steps themselves live in the modules it imports.
+is on disk.
+
+Size: over 350 lines because it is the one place that orders these steps; the
+steps themselves live in the modules it imports.
 """
 
 from __future__ import annotations
