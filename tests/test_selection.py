@@ -153,3 +153,18 @@ def test_certify_drops_many_redundant_neurons_in_few_calls(wobble):
     _assert_one_minimal(oracle, found, score)
     if wobble == 0.0:
         assert torch.nonzero(found).flatten().tolist() == [2, 5] and oracle.calls <= 5  # width 1 would need 29
+
+
+def test_dense_needed_neurons_switch_to_greedy_and_stay_below_the_reference():
+    """When a third of the candidates are needed, splitting alone would cost more than NeMo's linear pass."""
+    needed, z = _case(total=150, n_needed=50, seed=5)
+    slices = [slice(0, 150)]
+    blocked = torch.ones(150, dtype=torch.bool)
+    ref, ours = Oracle(150, needed), Oracle(150, needed)
+    start = float(ref(blocked.unsqueeze(0))[0])
+    ref.calls = ref.sets = 0
+    refine(blocked, slices, z, ref, TAU, 4, start, "reference")
+    found, score = refine(blocked, slices, z, ours, TAU, 4, start, "split")
+    assert set(torch.nonzero(found).flatten().tolist()) == set(needed)
+    assert ours.calls < ref.calls, (ours.calls, ref.calls)
+    _assert_one_minimal(Oracle(150, needed), found, score)

@@ -306,6 +306,10 @@ def probe_positions(lo: int, hi: int, width: int) -> list[int]:
     return out
 
 
+#: After this many searches in a row that cut nothing, split_search finishes with a greedy pass.
+DENSE_AFTER = 2
+
+
 def split_search(
     blocked: torch.Tensor, z: torch.Tensor, oracle: Oracle, tau: float, width: int, score: float
 ) -> tuple[torch.Tensor, float]:
@@ -318,13 +322,21 @@ def split_search(
     oracle call; its last neuron joins ``kept`` and ``rest`` shrinks to the part
     before it. Stops when ``kept`` mitigates alone, or when ``kept`` plus the
     prefix has at most ``width`` neurons (then it is returned whole and
-    certification decides, in one call, which of them are needed). Every accepted set was
+    certification decides, in one call, which of them are needed). When
+    :data:`DENSE_AFTER` searches in a row cut nothing (the needed neurons are
+    dense), the rest is finished by the speculative greedy pass, lowest z
+    first, which costs about |rest| / width calls there. Every accepted set was
     measured, so the result mitigates even when the score is not monotone;
     :func:`certify` then proves 1-minimality.
     """
     rest = priority_order(blocked, z)
     kept = torch.zeros_like(blocked)
+    full = 0  # consecutive searches whose shortest prefix was all of ``rest`` (nothing to cut)
     while rest.numel():
+        if full >= DENSE_AFTER:  # needed neurons are dense here: greedy beats splitting
+            current, _, score = greedy_drop(kept | _mask_of(rest, kept), list(rest.flip(0).split(1)), oracle, tau,
+                                            width, predict_drop=False, score=score)
+            return current, score
         lo, hi, hi_score = (0 if not kept.any() else -1), rest.numel(), score
         while hi - lo > 1 and int(kept.sum()) + hi > width:
             positions = probe_positions(lo, hi, width)
@@ -342,9 +354,16 @@ def split_search(
             break
         if hi == 0:
             break
+        full = full + 1 if hi == rest.numel() else 0
         kept[rest[hi - 1]] = True
         rest = rest[: hi - 1]
     return kept, score
+
+
+def _mask_of(indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(like)
+    out[indices] = True
+    return out
 
 
 def certify(current: torch.Tensor, oracle: Oracle, tau: float, score: float, width: int = 1) -> tuple[torch.Tensor, float]:
