@@ -132,6 +132,8 @@ def _print(rows: list[dict], args) -> None:
         print("  " + "  ".join(f"{c:>11}" for c in cells))
     print("  ratios, reference / split (higher = split needs less):")
     for name in dict.fromkeys(r["case"] for r in rows):
+        if {r["strategy"] for r in rows if r["case"] == name} != set(STRATEGIES):
+            continue
         ref, ours = (next(r for r in rows if r["case"] == name and r["strategy"] == s) for s in STRATEGIES)
         same = "same neurons" if ref["neurons"] == ours["neurons"] else "different neurons"
         print(f"    {name:>8}: UNet calls {ref['calls'] / ours['calls']:.1f}x, samples {ref['samples'] / ours['samples']:.1f}x, "
@@ -144,6 +146,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=40, help="UNet samples per call (10 kept seeds: 4 sets per call)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default="planted,demo,many")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help="which searches to run (the ratios need both)")
     parser.add_argument("--planted-theta", type=float, default=2.0,
                         help="theta start on the planted model (NeMo: 5, where the first candidate set is already "
                         "the two planted rows; 2 gives refinement work)")
@@ -162,11 +166,11 @@ def main() -> None:
                 case = _demo_case(tmp, args.batch_size)
             else:
                 raise SystemExit(f"unknown case {name!r}; use planted, demo, many")
-            for strategy in STRATEGIES:
+            for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
                 summary, wall = _run(case, strategy, args.batch_size, tmp)
                 rows.append(_row(case, strategy, summary, wall))
                 print(f"  [{name} / {strategy}: {wall:.1f} s]", file=sys.stderr, flush=True)
-            _print(rows[-len(STRATEGIES):], args)
+            _print([r for r in rows if r["case"] == name], args)
     if len(wanted) > 1:
         _print(rows, args)
 
