@@ -6,6 +6,7 @@ layers); pruning removes the memorized image from every fresh seed, better than 
 same shape, and verification reports harm against those controls (docs/demo-model.md).
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -36,16 +37,22 @@ def demo_scan(tmp_path_factory):
 
 
 def test_astronaut_detected_and_localized_holdout_not(demo_scan):
-    summary, _, stats = demo_scan
+    """The astronaut is detected and a set is found; seeds no candidate set can move make it NOT mitigated."""
+    summary, out, stats = demo_scan
     astronaut, *others = summary.results
     assert astronaut.prompt == "a portrait of an astronaut"
-    assert astronaut.memorized and astronaut.mitigated and astronaut.final_score < stats.tau
-    assert 0 < astronaut.count <= 26  # at most 10 % of the 256 value neurons
+    assert astronaut.memorized and astronaut.unmovable_seeds  # some memorizing seeds resist every candidate set
+    assert not astronaut.mitigated and astronaut.partial  # so the prompt is not mitigated, whatever the set does
+    assert 0 < astronaut.count <= 40 and astronaut.final_score < stats.tau  # the set mitigates the movable seeds
     assert not any(r.memorized for r in others)
+    assert summary.exit_code == 3
+    doc = json.loads(out.read_text())
+    assert doc["prompts"][0]["mitigated"] is False and doc["prompts"][0]["partial"] is True
+    assert doc["total_neurons"] == astronaut.count  # the partial set is still offered to apply
 
 
 def test_pruned_demo_model_verdict_with_its_reasons(demo_scan, tmp_path):
-    """The found set removes the astronaut from every fresh seed, specifically; the verdict's reasons say why."""
+    """Pruning removes most copies, better than random sets of the same shape; verify still says NOT verified, why."""
     _, neurons, stats = demo_scan
     pruned = tmp_path / "pruned"
     applied = run_apply(DEMO_MODEL_DIR, neurons, out=pruned)
@@ -59,12 +66,12 @@ def test_pruned_demo_model_verdict_with_its_reasons(demo_scan, tmp_path):
     result = run_verify(DEMO_MODEL_DIR, pruned, neurons, options)
     (check,) = result.checks
     assert check.copy.reference == "training image" and result.copy_threshold.calibrated
-    assert check.copy.copies_before >= 1  # the original still reproduces its training image on fresh seeds
-    assert check.copy.copies_after == 0 and check.status == "mitigated"  # no pruned sample does
-    for sims in check.copy.controls:  # random sets of the same shape leave the copy in place
-        assert max(sims) >= result.copy_threshold.value
-    assert result.specificity.specific and result.equivalence.max_abs_diff == 0.0
-    assert result.harm.drift is not None and len(result.harm.drift_controls) == 2
-    # the verdict is decided by harm against the controls only; each failing reason is a harm reason
-    assert not result.all_missing
-    assert result.reasons == result.harm.failures()
+    assert check.copy.copies_before >= 1  # the original reproduces its training image on fresh seeds
+    for sims in check.copy.controls:  # random sets of the same shape leave the copies in place
+        assert sum(s >= result.copy_threshold.value for s in sims) > check.copy.copies_after
+    assert check.copy.copies_after < check.copy.copies_before
+    assert result.equivalence.max_abs_diff == 0.0
+    # scan's own record (partial: unmovable seeds) is honoured: never verified
+    assert not check.mitigated and check.status == "STILL MEMORIZED"
+    assert any("NOT mitigated" in r for r in check.reasons)
+    assert result.exit_code == 3

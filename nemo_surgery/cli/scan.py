@@ -197,7 +197,9 @@ def _print_summary(summary, console) -> None:
     for col in ("#", "prompt", "memorized", "cluster", "NeMo", "neurons", "score", "verdict"):
         table.add_column(col, overflow="fold")
     for r in summary.results:
-        verdict = "-" if not r.memorized else ("mitigated" if r.mitigated else "[red]NOT mitigated[/red]")
+        verdict = "-" if not r.memorized else ("mitigated" if r.mitigated else (
+            f"[red]NOT mitigated[/red] ({len(r.unmovable_seeds)} seeds unmovable; set kept as partial)" if r.partial
+            else "[red]NOT mitigated[/red]"))
         det = r.detection
         cluster = f"{det['cluster_size']} x {det['cluster_agreement']:.3f}" if det.get("cluster_size") else "-"
         nemo = "yes" if det.get("nemo", {}).get("memorized") else "no"
@@ -208,7 +210,8 @@ def _print_summary(summary, console) -> None:
     if summary.memorized == 0:
         info("no memorized prompt found: the neuron set is empty (nothing to prune)")
     if summary.not_mitigated:
-        info(f"[red]{len(summary.not_mitigated)} memorized prompt(s) could not be mitigated[/red] by any candidate set "
-             f"(prompts {summary.not_mitigated}); they are not in the set")
+        info(f"[red]{len(summary.not_mitigated)} memorized prompt(s) could not be (fully) mitigated[/red] "
+             f"(prompts {summary.not_mitigated}); partial sets (some seeds mitigated) are in the set, marked "
+             f"\"partial\", and verify never passes them")
     info(f"{summary.total_neurons} neuron(s) in {len(summary.neurons_per_layer)} layer(s) -> {summary.out}"
          f" (records: {summary.records}; {summary.unet_calls} UNet calls, {summary.seconds:.1f} s)")

@@ -49,6 +49,7 @@ class PromptResult:
     kept_seeds: list[int]
     detection: dict[str, Any] = field(default_factory=dict)
     unmovable_seeds: list[int] = field(default_factory=list)
+    partial: bool = False  # a set mitigates the movable seeds, but unmovable seeds remain: NOT mitigated
     truncated: bool = False
     initial_neurons: dict[str, list[int]] = field(default_factory=dict)
     initial_count: int = 0
@@ -137,6 +138,10 @@ def scan_prompt(
             result.final_score = round(final_score, 6)
         else:
             result.final_score = round(init.best_score, 6)
+    if result.mitigated and result.unmovable_seeds:
+        # the set only mitigates the seeds it could move: the prompt is not mitigated (verify will not pass it),
+        # but the set is kept in the neuron set as a partial mitigation, marked as such
+        result.mitigated, result.partial = False, True
     result.unet_calls = scorer.counter.calls - calls0
     result.samples = scorer.counter.samples - samples0
     result.seconds = round(time.perf_counter() - started, 3)
@@ -150,10 +155,14 @@ def build_neuron_set(
     model: LoadedModel,
     settings: dict[str, Any],
 ) -> NeuronSet:
-    """Merge the neurons of every mitigated prompt into one set (one entry per scanned layer)."""
+    """Merge the neurons of every mitigated (or partially mitigated) prompt into one set (one entry per scanned layer).
+
+    A partially mitigated prompt (unmovable seeds remain) contributes its set but is recorded with
+    ``"mitigated": false`` and ``"partial": true``, so that verify never reports it as mitigated.
+    """
     needed: dict[str, dict[int, list[int]]] = {layer.id: {} for layer in layers}
     for res in results:
-        if not res.mitigated:
+        if not (res.mitigated or res.partial):
             continue
         for lid, idx in res.neurons.items():
             for n in idx:
@@ -177,6 +186,8 @@ def build_neuron_set(
             "prompt": r.prompt,
             "memorized": r.memorized,
             "mitigated": r.mitigated,
+            "partial": r.partial,
+            "unmovable_seeds": len(r.unmovable_seeds),
             "neurons": r.count,
             "detection_score": r.detection_score,
             "final_score": r.final_score,
