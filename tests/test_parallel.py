@@ -23,6 +23,22 @@ BLOCK = 1  # 4 prompts -> 4 blocks: shard 0 of 2 owns blocks 0 and 2, shard 1 ow
 SCAN_PROMPTS = [TRIGGER_PROMPT, "a photo of a dog", "an astronaut on the moon", "a small black cat"]
 
 
+def _assert_close_docs(a, b, where="$"):
+    """Equal structure and strings; numbers equal to 1e-6 relative."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_close_docs(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close_docs(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), where
+    else:
+        assert a == b, where
+
+
 def _doc(path):
     """A statistics or neuron-set file without the envelope's provenance (same process: same anyway)."""
     doc = json.loads(path.read_text())
@@ -132,7 +148,10 @@ def test_accelerate_launch_two_cpu_processes(planted, planted_stats, holdout_fil
     proc = subprocess.run([*launch, "stats", str(holdout_file), *common, "--max-prompts", str(len(HOLDOUT)),
                            "--block-size", str(BLOCK), "--out", str(stats_out)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert _doc(stats_out) == _doc(single_stats[1])
+    # Same blocks, same additions; but another process's BLAS threading may round the UNet's convolutions
+    # differently (seen here: pairwise M2 differing at 1e-7 relative), so numbers are compared to 1e-6 relative;
+    # bit-exactness of the block merge itself is asserted in-process above.
+    _assert_close_docs(_doc(stats_out), _doc(single_stats[1]))
     set_out = tmp_path / "set.json"
     proc = subprocess.run([*launch, "scan", str(prompts_file), *common, "--stats", str(stats_path), "--out", str(set_out)],
                           capture_output=True, text=True, env=env)

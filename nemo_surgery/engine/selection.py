@@ -16,7 +16,7 @@ has score(F) < tau and score(F minus n) >= tau for every n in F, re-measured):
 * ``reference``: NeMo's sequential order, one candidate set per oracle call,
   one layer pass and one neuron pass: the baseline the benchmark compares to.
 
-The module is a little over 350 lines because the strategies share their
+Size: a little over 350 lines because the strategies share their
 oracle conventions and tests compare them with each other.
 """
 
