@@ -24,7 +24,7 @@ SCAN_PROMPTS = [TRIGGER_PROMPT, "a photo of a dog", "an astronaut on the moon", 
 
 
 def _assert_close_docs(a, b, where="$"):
-    """Equal structure and strings; numbers equal to 1e-6 relative."""
+    """Equal structure and strings; numbers equal to 1e-6 (relative, or absolute for 7-decimal scores)."""
     if isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), where
         for k in a:
@@ -34,7 +34,7 @@ def _assert_close_docs(a, b, where="$"):
         for i, (x, y) in enumerate(zip(a, b)):
             _assert_close_docs(x, y, f"{where}[{i}]")
     elif isinstance(a, float) or isinstance(b, float):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), where
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6), where  # documents store some scores to 7 decimals
     else:
         assert a == b, where
 
