@@ -19,7 +19,7 @@ demo:  ## the main job on the embedded demo model: scan -> apply -> verify (offl
 	nemo-surgery scan prompts/demo_memorized.txt --layers all --out $(OUT)/neurons.json --force || [ $$? -eq 3 ]
 	nemo-surgery apply nemo_surgery/demo/assets/model --neurons $(OUT)/neurons.json \
 		--out $(OUT)/pruned-model --force --holdout prompts/demo_holdout.txt \
-		--train-images nemo_surgery/demo/assets/train_images --guidance 3
+		--train-images nemo_surgery/demo/assets/train_images --guidance 3 --steps 20
 
 test:  ## the whole suite (what CI runs)
 	$(PYTHON) -m pytest -q
