@@ -9,9 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import load_neuron_set
 from nemo_surgery.surgery.apply import ApplyResult, run_apply
-from nemo_surgery.verify.inputs import loadable_pipeline, precheck_inputs
+from nemo_surgery.verify.inputs import loadable, precheck_inputs
 from nemo_surgery.verify.options import VerifyOptions
 
 
@@ -42,15 +43,29 @@ def apply_and_verify(
 ) -> WorkflowResult:
     """Zero the set's rows in CKPT, then verify the output against CKPT when CKPT is a loadable pipeline.
 
-    ``verify=None`` skips verification. Verification inputs are checked before
-    anything is written (InputError). ``applied(result)`` is called between the
-    two steps (e.g. to print the patch table); ``stage(text)`` reports verify's phases.
+    Loadable: a pipeline folder, or a single .safetensors file holding UNet, VAE
+    and text encoder (loaded with ``verify.config`` or the cached default
+    config). ``verify=None`` skips verification. Verification inputs are
+    checked, and a single-file CKPT is loaded, before anything is written
+    (InputError: e.g. no --config and no cached config). ``applied(result)``
+    is called between the two steps (e.g. to print the patch table);
+    ``stage(text)`` reports verify's phases.
     """
     neurons_path = Path(neurons)
     neuron_set = load_neuron_set(neurons_path)
-    wanted = verify is not None and loadable_pipeline(ckpt)
+    wanted = verify is not None and loadable(ckpt)
     run_it = wanted and not (dry_run or in_place)
     inputs = precheck_inputs(neurons_path, verify, neuron_set=neuron_set) if run_it else None
+    original = None
+    if run_it and Path(ckpt).is_file():  # a single file may lack its config: refuse before writing anything
+        from nemo_surgery.verify.run import load_for_verify
+
+        # the cheap checks (plan, fingerprint, output path) first, then the model load
+        run_apply(ckpt, neurons_path, neuron_set=neuron_set, out=out, dry_run=True, force=force)
+        try:
+            original = load_for_verify(ckpt, verify)
+        except InputError as exc:
+            raise InputError(f"{exc}; or pass --no-verify to apply without verification") from None
     result = run_apply(ckpt, neurons_path, neuron_set=neuron_set, out=out, in_place=in_place, dry_run=dry_run, force=force)
     if applied is not None:
         applied(result)
@@ -60,8 +75,12 @@ def apply_and_verify(
             skipped = "--in-place leaves no original to compare with; run `nemo-surgery verify` on a copy"
         elif wanted and dry_run:
             skipped = "--dry-run writes nothing to verify"
+        elif verify is not None and verify.config is not None:
+            skipped = (f"{ckpt} is not a pipeline folder or a single file holding UNet, VAE and text encoder; "
+                       "nothing to sample (--config unused)")
         return WorkflowResult(result, None, skipped)
     from nemo_surgery.verify.run import run_verify
 
-    checked = run_verify(result.ckpt, result.output, neurons_path, verify, stage=stage, inputs=inputs)
+    checked = run_verify(result.ckpt, result.output, neurons_path, verify, stage=stage, inputs=inputs,
+                         original_model=original)
     return WorkflowResult(result, checked)

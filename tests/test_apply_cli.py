@@ -21,7 +21,7 @@ def test_cli_apply_end_to_end(tmp_path: Path) -> None:
     src = write_ldm_file(tmp_path / "model.safetensors", "fp16")
     ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
 
-    run = _cli(str(src), "--neurons", str(ns), "--json", "--quiet")
+    run = _cli(str(src), "--neurons", str(ns), "--json", "--quiet", "--no-verify")
     assert run.returncode == 0, run.stderr
     assert "patched" not in run.stderr and "error" not in run.stderr  # --quiet: no human output
     summary = json.loads(run.stdout)
@@ -39,7 +39,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
     (tmp_path / "model-nemo.safetensors").write_bytes(b"x")
     runner = CliRunner()
-    again = runner.invoke(main, ["apply", str(src), "--neurons", str(ns)])
+    again = runner.invoke(main, ["apply", str(src), "--neurons", str(ns), "--no-verify"])
     assert again.exit_code == 2
     lines = [line for line in again.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "output exists; pass --force" in lines[0]
@@ -56,6 +56,6 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert "patch plan" in dry.stderr
     assert (tmp_path / "model-nemo.safetensors").read_bytes() == b"x"
 
-    forced = runner.invoke(main, ["apply", str(src), "--neurons", str(ns), "--force", "--json", "-q"])
+    forced = runner.invoke(main, ["apply", str(src), "--neurons", str(ns), "--force", "--json", "-q", "--no-verify"])
     assert forced.exit_code == 0, forced.stderr
     assert json.loads(forced.stdout)["ok"] is True

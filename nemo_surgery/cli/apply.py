@@ -41,7 +41,8 @@ def _print_plan(result: ApplyResult) -> None:
                    "unzeroed, is marked by a journal file beside CKPT, and is finished by rerunning the same command.")
 @click.option("--dry-run", is_flag=True, help="Print the patch plan (files, keys, rows, bytes); write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output (atomically, with its report).")
-@click.option("--no-verify", is_flag=True, help="Skip `verify` (run by default when CKPT is a loadable pipeline folder).")
+@click.option("--no-verify", is_flag=True, help="Skip `verify` (run by default when CKPT is a pipeline folder or a single file "
+                   "holding UNet, VAE and text encoder).")
 @verify_options
 @json_option
 @quiet_option
@@ -54,8 +55,11 @@ def apply_command(
 
     CKPT is a diffusers pipeline folder, a diffusers UNet folder or file, or a
     single-file (LDM) checkpoint. Pickle files (.ckpt/.bin/.pt) are refused.
-    A loadable pipeline folder is then verified (see `verify`; report in
-    <output>/nemo_report) and the exit code is verify's verdict; --no-verify skips it.
+    A pipeline folder, or a single file holding UNet, VAE and text encoder
+    (loaded with --config DIR or the default config in the local Hugging Face
+    cache; refused before writing when neither is there), is then verified
+    (see `verify`; report in <output>/nemo_report or <output>.nemo_report) and
+    the exit code is verify's verdict; --no-verify skips it.
     """
     from nemo_surgery.workflow import apply_and_verify
 
@@ -67,7 +71,7 @@ def apply_command(
                                 stage=lambda text: (status.start(), status.update(f"verify: {text}")))
     finally:  # an ApplyFailed carries its result: with --json, run_command prints it inside the error object
         status.stop()
-    if done.skipped and in_place:
+    if done.skipped and not dry_run:
         info(f"verify skipped: {done.skipped}")
     if done.verified is not None:
         print_summary(done.verified)

@@ -114,6 +114,9 @@ def print_summary(result) -> None:
 def verify_command(original, pruned, neurons, quiet, as_json, **values) -> int:
     """Verify a pruned pipeline against ORIGINAL: per-seed copies on fresh seeds, controls, harm, report.
 
+    ORIGINAL and PRUNED are diffusers pipeline folders or single-file
+    .safetensors checkpoints holding UNet, VAE and text encoder (loaded offline
+    with --config DIR or the default config in the local Hugging Face cache).
     Writes report.json, report.html and MODEL_CARD.md. Exit code is the verdict:
     0 'verified': no fresh seed of any memorized prompt copies its reference,
     the set beats every random control, and harm on --holdout data is no worse

@@ -19,6 +19,8 @@ from nemo_surgery.errors import InputError
 
 #: Key prefix only SDXL single files have (the second, OpenCLIP bigG text encoder).
 _XL_KEY = "conditioner.embedders.1."
+#: Key prefixes of a whole pipeline in one LDM file: the UNet, the VAE and a text encoder (SD 1.x/2.x or SDXL).
+_UNET_KEY, _VAE_KEY, _TEXT_KEYS = "model.diffusion_model.", "first_stage_model.", ("cond_stage_model.", "conditioner.")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -39,6 +41,25 @@ def pipeline_class_name(path: Path, config: Path | None) -> str:
 
     keys = read_header(path).tensors
     return _CLASSES[1] if any(k.startswith(_XL_KEY) for k in keys) else _CLASSES[0]
+
+
+def is_pipeline_file(path: str | Path) -> bool:
+    """True for a ``.safetensors`` LDM file that holds a whole pipeline: UNet, VAE and text encoder (header only).
+
+    Such a file can be loaded for sampling (verify); a UNet-only file cannot.
+    Unreadable or malformed files are False (whoever opens them reports why).
+    """
+    from nemo_surgery.errors import NemoError
+    from nemo_surgery.surgery.safetensors_file import read_header
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    try:
+        keys = read_header(path).tensors
+    except (NemoError, OSError):
+        return False
+    return all(any(k.startswith(prefix) for k in keys) for prefix in (_UNET_KEY, _VAE_KEY, _TEXT_KEYS))
 
 
 def check_single_file(path: Path, config: Path | None) -> None:

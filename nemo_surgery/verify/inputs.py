@@ -95,8 +95,11 @@ def train_image_map(path: Path | None, prompts: list[Prompt]) -> dict[int, Path]
 
 
 def default_report_dir(pruned: Path) -> Path:
-    """Report folder: ``<PRUNED>/nemo_report`` (travels with the pruned pipeline)."""
-    return Path(pruned) / REPORT_DIR_NAME
+    """Report folder: ``<PRUNED>/nemo_report`` for a pipeline folder (travels with it), ``<PRUNED>.nemo_report`` beside a single file."""
+    pruned = Path(pruned)
+    if pruned.is_file():
+        return pruned.with_name(pruned.name + "." + REPORT_DIR_NAME)
+    return pruned / REPORT_DIR_NAME
 
 
 def loadable_pipeline(path: str | Path) -> bool:
@@ -107,23 +110,44 @@ def loadable_pipeline(path: str | Path) -> bool:
     )
 
 
-def check_pipelines(original: Path, pruned: Path) -> None:
-    """Both folders must be loadable pipelines, and different ones."""
+def loadable(path: str | Path) -> bool:
+    """True for what verification can sample: a pipeline folder, or a single .safetensors file of a whole pipeline."""
+    from nemo_surgery.engine.single_file import is_pipeline_file
+
+    return loadable_pipeline(path) or is_pipeline_file(path)
+
+
+def model_config(path: str | Path, config: Path | None) -> Path | None:
+    """The --config folder for loading ``path``: given to single files only (a pipeline folder has its own)."""
+    return config if Path(path).is_file() else None
+
+
+def check_models(original: Path, pruned: Path, config: Path | None = None) -> None:
+    """Both must be loadable (pipeline folders or whole-pipeline single files) and different; --config needs a single file."""
     for name, path in (("ORIGINAL", original), ("PRUNED", pruned)):
-        if not loadable_pipeline(path):
+        if not loadable(path):
             raise InputError(f"{path}: {name} must be a diffusers pipeline folder with unet, text_encoder, tokenizer "
-                             "and vae (verify samples full images)")
+                             "and vae, or a single-file .safetensors checkpoint holding UNet, VAE and text encoder "
+                             "(verify samples full images)")
     if Path(pruned).resolve() == Path(original).resolve():
-        raise InputError(f"{pruned}: PRUNED is the same folder as ORIGINAL; pass the output of `nemo-surgery apply`")
+        raise InputError(f"{pruned}: PRUNED is the same path as ORIGINAL; pass the output of `nemo-surgery apply`")
+    if config is not None and not (Path(original).is_file() or Path(pruned).is_file()):
+        raise InputError(f"--config {config}: only used with single-file checkpoints; ORIGINAL and PRUNED are "
+                         "pipeline folders (drop --config)")
 
 
-def digest_model(folder: Path) -> dict[str, str]:
-    """SHA-256 of the UNet weight files and model_index.json of a pipeline folder."""
+def digest_model(path: Path) -> dict[str, str]:
+    """SHA-256 of a single file, or of a pipeline folder's UNet weight files (unet/ and unet_ema/) and model_index.json."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: sha256_file(path)}
     out = {}
-    for f in sorted([folder / "model_index.json", *(folder / "unet").glob("*.safetensors"),
-                     *(folder / "unet").glob("*.safetensors.index.json")]):
+    found = [path / "model_index.json"]
+    for part in ("unet", "unet_ema"):
+        found += [*(path / part).glob("*.safetensors"), *(path / part).glob("*.safetensors.index.json")]
+    for f in sorted(found):
         if f.is_file():
-            out[str(f.relative_to(folder))] = sha256_file(f)
+            out[str(f.relative_to(path))] = sha256_file(f)
     return out
 
 
@@ -138,6 +162,9 @@ def precheck_inputs(neurons: str | Path, options: VerifyOptions, neuron_set: Neu
     blocked = {ln.id: list(ln.neurons) for ln in neuron_set.nonempty()}
     if not blocked:
         raise InputError(f"{neurons_path}: the neuron set holds no neurons; nothing to verify")
+    if options.config is not None and not Path(options.config).is_dir():
+        raise InputError(f"--config {options.config}: not a folder; pass a local diffusers pipeline folder of this "
+                         "model type (configs and tokenizer; weights are not needed)")
     stats_path = resolve_stats_path(options.stats, neuron_set, neurons_path)
     stats = load_stats(stats_path)
     prompts = memorized_prompts(options, neuron_set, neurons_path)

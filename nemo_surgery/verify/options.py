@@ -35,6 +35,9 @@ def option(default: Any, help: str, *, group: str = "tuning", kind: str | None =
 class VerifyOptions:
     """Inputs and knobs of one verification run; the defaults are the CLI defaults."""
 
+    config: Path | None = option(None, "With a single-file .safetensors checkpoint: a local diffusers folder of the "
+                                 "same model type (configs and tokenizer; weights not needed). Without it the "
+                                 "default config must be in the local Hugging Face cache.", group="input", kind="path")
     stats: Path | None = option(None, "Statistics (tau) from `nemo-surgery stats` (default: the file the neuron "
                                 "set records).", group="input", kind="path")
     prompts: Path | None = option(None, "Memorized prompts to verify on (default: those the neuron set records as "
@@ -47,7 +50,8 @@ class VerifyOptions:
                                        "(index or prompt -> image); default reference: the medoid of the original's "
                                        "samples.", group="input", kind="path")
     column: str = option("prompt", "Prompt column of CSV/JSONL prompt files.", group="input")
-    report: Path | None = option(None, "Report folder (default: <PRUNED>/nemo_report).", group="report", kind="path")
+    report: Path | None = option(None, "Report folder (default: <PRUNED>/nemo_report; <PRUNED>.nemo_report beside a "
+                                 "single-file PRUNED).", group="report", kind="path")
     seeds: int = option(DEFAULT_SEEDS, "Fresh seeds per memorized prompt, judged one by one (10: zero copies bound "
                         "the copy rate below 25.9 % with 95 % confidence).", low=2)
     seed: int = option(1000, "Seed of the generator of the verification noise; must differ from scan's detection "

@@ -30,7 +30,14 @@ from nemo_surgery.verify.copies import calibrate_copy_threshold, check_copies, c
 from nemo_surgery.verify.drift import DriftResult, sample_drift, value_output_change
 from nemo_surgery.verify.equivalence import check_equivalence
 from nemo_surgery.verify.harm import denoising_loss, prepare_loss_probe
-from nemo_surgery.verify.inputs import VerifyInputs, check_pipelines, default_report_dir, digest_model, precheck_inputs
+from nemo_surgery.verify.inputs import (
+    VerifyInputs,
+    check_models,
+    default_report_dir,
+    digest_model,
+    model_config,
+    precheck_inputs,
+)
 from nemo_surgery.verify.judge import agreement, judge, scan_record
 from nemo_surgery.verify.metrics import load_image
 from nemo_surgery.verify.optional import optional_metrics
@@ -57,6 +64,12 @@ def check_set_matches(neuron_set: NeuronSet, model: LoadedModel, path: Path, che
                              f"in {model.source}")
 
 
+def load_for_verify(path: str | Path, options: VerifyOptions) -> LoadedModel:
+    """Load a pipeline folder or a single file (with ``options.config``) for sampling: with its VAE, offline."""
+    return load_model(path, device=options.device, dtype=options.dtype, with_vae=True,
+                      config=model_config(path, options.config))
+
+
 def _drift_of(before: np.ndarray, after: np.ndarray) -> float:
     """1 - mean SSIM of paired samples [P, N, ...] (the drift metric)."""
     return DriftResult(sample_drift(list(range(len(before))), [""] * len(before), before, after)).drift
@@ -69,12 +82,16 @@ def run_verify(
     options: VerifyOptions = VerifyOptions(),
     stage: Callable[[str], None] | None = None,
     inputs: VerifyInputs | None = None,
+    original_model: LoadedModel | None = None,
 ) -> VerifyResult:
     """Verify PRUNED against ORIGINAL for a neuron set; write report.json/html and MODEL_CARD.md.
 
     ``stage(text)`` is called when a phase starts (progress reporting).
     ``inputs`` are the already-resolved inputs (``precheck_inputs``), resolved
-    here when None. The pruned pipeline is loaded fresh, without hooks; the
+    here when None; ``original_model`` is ORIGINAL already loaded by
+    ``load_for_verify`` (apply loads a single file before writing, so that a
+    missing config is refused first). ORIGINAL and PRUNED are pipeline folders
+    or single-file checkpoints (``options.config``). The pruned pipeline is loaded fresh, without hooks; the
     controls are blocked by hook on the original (equivalence shows the two
     agree). Raises InputError for bad input; the verdict is in the result.
     """
@@ -82,18 +99,21 @@ def run_verify(
     say = stage or (lambda _text: None)
     original, pruned = Path(original), Path(pruned)
     got = inputs if inputs is not None else precheck_inputs(neurons, options)
-    check_pipelines(original, pruned)
+    check_models(original, pruned, options.config)
     report_dir = options.report or default_report_dir(pruned)
     sampling = options.sampling
 
     say("loading models")
-    orig = load_model(original, device=options.device, dtype=options.dtype, with_vae=True)
+    orig = original_model if original_model is not None else load_for_verify(original, options)
     check_stats_match(got.stats, orig, got.stats_path)
     check_set_matches(got.neuron_set, orig, got.neurons_path)
-    pmodel = load_model(pruned, device=options.device, dtype=options.dtype, with_vae=True)
+    pmodel = load_for_verify(pruned, options)
     check_set_matches(got.neuron_set, pmodel, got.neurons_path, check_fingerprint=False)
     tau = got.stats.tau
     notes: list[str] = []
+    if (pruned / "unet_ema").is_dir():
+        notes.append("PRUNED has unet_ema/ (EMA weights; apply patches it with the same rows): verify loads and "
+                     "samples unet/ only, so the EMA UNet is not verified here")
     prompts, holdout, train = got.prompts, got.holdout, got.train
     controls = draw_controls(got.blocked, {layer.id: layer.rows for layer in orig.layers}, options.controls,
                              options.control_seed)
@@ -252,6 +272,8 @@ def _input_record(got: VerifyInputs, options: VerifyOptions, original: Path, pru
         "neuron_set": {"path": str(got.neurons_path), "sha256": sha256_file(got.neurons_path)},
         "stats": {"path": str(got.stats_path), "sha256": sha256_file(got.stats_path)},
     }
+    if options.config is not None:
+        inputs["config"] = {"path": str(options.config), "note": "diffusers config folder of the single file(s)"}
     for key, value in (("prompts", options.prompts), ("holdout", options.holdout)):
         if value is not None:
             inputs[key] = {"path": str(value), "sha256": sha256_file(value)}
