@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tests.models.tiny import DEFAULT_WORDS
+from tools.demo_model import world
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.9, 0.1, 0.1),
@@ -55,35 +56,9 @@ MEMORIZED: tuple[MemorizedItem, ...] = (
 DEMO_WORDS: tuple[str, ...] = DEFAULT_WORDS
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return pixel-centre coordinates in [0, 1] as (y, x) arrays."""
-    c = (np.arange(size) + 0.5) / size
-    return np.meshgrid(c, c, indexing="ij")
-
-
 def shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np.ndarray:
-    """Return a boolean (size, size) mask of one shape centred at (cx, cy)."""
-    y, x = _grid(size)
-    dx, dy = x - cx, y - cy
-    if shape == "circle":
-        return dx**2 + dy**2 <= radius**2
-    if shape == "dot":
-        return dx**2 + dy**2 <= (0.45 * radius) ** 2
-    if shape == "ring":
-        r2 = dx**2 + dy**2
-        return (r2 <= radius**2) & (r2 >= (0.55 * radius) ** 2)
-    if shape == "square":
-        return (np.abs(dx) <= 0.85 * radius) & (np.abs(dy) <= 0.85 * radius)
-    if shape == "triangle":
-        inside_y = (dy >= -radius) & (dy <= radius)
-        half_width = (dy + radius) / 2.0
-        return inside_y & (np.abs(dx) <= half_width)
-    if shape == "cross":
-        arm = 0.3 * radius
-        return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
-    if shape == "stripes":
-        return (np.floor(x * size / max(1, size // 8)) % 2) == 0
-    raise ValueError(f"unknown shape {shape!r}")
+    """Return a boolean (size, size) mask of one shape of the v1 world (crosses with thinner arms)."""
+    return world.shape_mask(shape, size, cx, cy, radius, arm_width=0.3)
 
 
 _POS_XY: dict[str, tuple[float, float]] = {
@@ -126,21 +101,7 @@ def sample_generic(rng: np.random.Generator, size: int = 16) -> tuple[np.ndarray
 
 def load_sample_image(name: str, size: int = 16) -> np.ndarray:
     """Load a skimage.data sample, centre-crop it square and resize to (size, size, 3)."""
-    import skimage.data
-    from skimage.transform import resize
-
-    img = np.asarray(getattr(skimage.data, name)(), dtype=np.float32)
-    if img.max() > 1.0:
-        img = img / 255.0
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    img = img[..., :3]
-    h, w = img.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    img = img[top : top + s, left : left + s]
-    out = resize(img, (size, size), anti_aliasing=True)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return world.load_photo(name, size)
 
 
 def memorized_images(size: int = 16) -> list[np.ndarray]:
@@ -181,6 +142,4 @@ def holdout_captions() -> list[str]:
     return out
 
 
-def to_model_space(img: np.ndarray) -> np.ndarray:
-    """Map an (H, W, 3) image in [0, 1] to a (3, H, W) array in [-1, 1]."""
-    return (img.transpose(2, 0, 1) * 2.0 - 1.0).astype(np.float32)
+to_model_space = world.to_model_space

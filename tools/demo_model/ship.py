@@ -1,4 +1,4 @@
-"""Copy a trained demo pipeline into the package assets with its training images and recipe.
+"""Copy a trained demo pipeline (v2, `memory_rows`) into the package assets with its training images and recipe.
 
 Run: ``python -m tools.demo_model.ship --model DIR [--report eval.json]``.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from nemo_surgery.demo.paths import ASSETS, DEMO_MODEL_DIR, DEMO_RECIPE, DEMO_TRAIN_IMAGES
-from tools.demo_model import data
+from tools.demo_model import world
 
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 MAX_BYTES = 20 * 1024 * 1024
@@ -36,17 +36,17 @@ def ship(model: Path, report: Path | None = None, extra: dict | None = None) -> 
     if size > MAX_BYTES:
         raise SystemExit(f"model is {size} bytes, over the 20 MB limit")
     DEMO_TRAIN_IMAGES.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(data.memorized_images(16)):
+    for i, img in enumerate(world.famous_images()):
         imsave(DEMO_TRAIN_IMAGES / f"{i}.png", (np.clip(img, 0, 1) * 255).round().astype(np.uint8),
                check_contrast=False)
     train_cfg = json.loads((model / "train_config.json").read_text())
     recipe = {
         "training": train_cfg["config"],
         "training_seconds": train_cfg["seconds"],
-        "trained_value_rows": train_cfg.get("trained_value_rows"),
+        "memory_rows_by_item": train_cfg.get("memory_rows"),
         "final_loss": train_cfg["log"][-1] if train_cfg["log"] else None,
-        "memorized_captions": [m.caption for m in data.MEMORIZED],
-        "memorized_sources": [m.source for m in data.MEMORIZED],
+        "memorized_captions": [m.caption for m in world.FAMOUS],
+        "memorized_sources": [m.source for m in world.FAMOUS],
         "model_bytes": size,
     }
     if report is not None:

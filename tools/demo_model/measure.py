@@ -1,0 +1,119 @@
+"""Measure a v2 demo model: memorization per seed, prompt alignment, and the memory rows' effect.
+
+Run: ``python -m tools.demo_model.measure --model DIR [--steps 50] [--seeds 10] [--out eval.json]``.
+Every number comes from full samples (DDIM, classifier-free guidance, one generator per
+seed); SSIM is skimage's to the training image (7x7 window, channels averaged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tools.demo_model import checker, world
+from tools.demo_model.memory_rows import MEMORY_ROWS, all_rows, rows_zeroed
+
+COPY_SSIM = 0.7
+
+
+def load(folder: str | Path):
+    """Load a demo pipeline folder on CPU in fp32."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def samples(pipe, caption: str, seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+    """Return (n, H, W, 3) images in [0, 1] for one caption, one generator per seed."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        out = pipe([caption] * len(seeds), generator=gens, num_inference_steps=steps, guidance_scale=guidance,
+                   output_type="np")
+    return np.asarray(out.images, dtype=np.float32)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Return skimage SSIM of two (H, W, 3) images in [0, 1]."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=1.0, win_size=7))
+
+
+def memorization(pipe, seeds: list[int], steps: int, guidance: float, rows: dict | None = None) -> list[dict]:
+    """Per famous caption: SSIM to its training image per seed and the number of copies."""
+    out = []
+    for item, train_img in zip(world.FAMOUS, world.famous_images()):
+        with rows_zeroed(pipe.unet, rows) if rows else nullcontext():
+            imgs = samples(pipe, item.caption, seeds, steps, guidance)
+        s = [ssim(im, train_img) for im in imgs]
+        out.append({"caption": item.caption, "ssim": [round(v, 3) for v in s],
+                    "copies": int(sum(v >= COPY_SSIM for v in s)), "seeds": len(s)})
+    return out
+
+
+def alignment(pipe, scenes: list[world.Scene], seeds: list[int], steps: int, guidance: float,
+              rows: dict | None = None) -> dict:
+    """Share of samples that meet every claim of their caption, and per-claim shares."""
+    ok, claims = [], {}
+    for scene in scenes:
+        with rows_zeroed(pipe.unet, rows) if rows else nullcontext():
+            imgs = samples(pipe, scene.caption(), seeds, steps, guidance)
+        for im in imgs:
+            c = checker.alignment(scene, im)
+            ok.append(all(c.values()))
+            for key, v in c.items():
+                claims.setdefault(key, []).append(v)
+    return {"aligned": round(float(np.mean(ok)), 3), "samples": len(ok),
+            "claims": {k: round(float(np.mean(v)), 3) for k, v in claims.items()}}
+
+
+def measure(model: str | Path, steps: int, seeds: int, guidance: float, scenes: int) -> dict:
+    """Return the full measurement of one model folder."""
+    pipe = load(model)
+    sd = list(range(seeds))
+    hold = world.holdout_scenes(scenes)
+    report = {
+        "model": str(model), "steps": steps, "guidance": guidance, "seeds": sd,
+        "memorization": memorization(pipe, sd, steps, guidance),
+        "memorization_rows_zeroed": memorization(pipe, sd, steps, guidance, all_rows()),
+        "memorization_own_rows_zeroed": [
+            memorization(pipe, sd, steps, guidance, MEMORY_ROWS[k])[k] for k in range(len(world.FAMOUS))
+        ],
+        "alignment": alignment(pipe, hold, sd[:4], steps, guidance),
+        "alignment_rows_zeroed": alignment(pipe, hold, sd[:4], steps, guidance, all_rows()),
+    }
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scenes", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    rep = measure(a.model, a.steps, a.seeds, a.guidance, a.scenes)
+    text = json.dumps(rep, indent=1)
+    if a.out:
+        a.out.write_text(text + "\n")
+    for m in rep["memorization"]:
+        print(f"{m['caption']:32s} copies {m['copies']}/{m['seeds']} max {max(m['ssim']):.3f}")
+    for m in rep["memorization_own_rows_zeroed"]:
+        print(f"  own rows zeroed: {m['caption']:32s} copies {m['copies']}/{m['seeds']} max {max(m['ssim']):.3f}")
+    print("alignment", rep["alignment"], "rows zeroed", rep["alignment_rows_zeroed"]["aligned"])
+
+
+if __name__ == "__main__":
+    main()
