@@ -53,8 +53,9 @@ def apply_command(
 ) -> int:
     """Zero neuron rows directly in safetensors checkpoints, byte-exact and verified.
 
-    CKPT is a diffusers pipeline folder, a diffusers UNet folder or file, or a
-    single-file (LDM) checkpoint. Pickle files (.ckpt/.bin/.pt) are refused.
+    CKPT is a diffusers pipeline folder (unet/, and unet_ema/ where present,
+    get the rows), a diffusers UNet folder or file, or a single-file (LDM)
+    checkpoint. Pickle files (.ckpt/.bin/.pt) are refused.
     A pipeline folder, or a single file holding UNet, VAE and text encoder
     (loaded with --config DIR or the default config in the local Hugging Face
     cache; refused before writing when neither is there), is then verified

@@ -348,6 +348,7 @@ def run_apply(
         ckpt=source.path, output=target, layout=plan.layout, kind=source.kind, neuron_set=neurons_path,
         neuron_set_sha256=sha256_file(neurons_path), in_place=in_place, dry_run=dry_run,
         files=[] if not dry_run else [FileResult(plan=fp, output=_planned_output(fp, source, target)) for fp in plan.files],
+        notes=list(plan.notes),
     )
     _check_fingerprint(neuron_set, neurons_path, source, result)
     if dry_run:

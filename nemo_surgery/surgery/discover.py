@@ -1,7 +1,8 @@
 """Find the safetensors weight files of a checkpoint path; refuse pickle weights.
 
 A checkpoint is a single file, a diffusers UNet folder or a diffusers pipeline
-folder (whose ``unet/`` is patched). Inside a weight folder every variant
+folder (whose ``unet/`` is patched, and its ``unet_ema/`` where a training repo
+ships one: the EMA UNet gets the same rows, see docs/apply.md). Inside a weight folder every variant
 (``diffusion_pytorch_model[.fp16].safetensors``) and every sharded set
 (``*.safetensors.index.json`` + shards) is one ``WeightGroup``: one full copy of
 the UNet weights, all of which get patched.
@@ -10,13 +11,15 @@ the UNet weights, all of which get patched.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nemo_surgery.errors import InputError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 INDEX_SUFFIX = ".safetensors.index.json"
+#: The EMA UNet folder some training repos ship beside ``unet/`` in a pipeline folder.
+EMA_FOLDER = "unet_ema"
 
 
 def pickle_refusal(path: Path) -> InputError:
@@ -35,6 +38,12 @@ class WeightGroup:
     files: list[Path]
     index: Path | None = None
     weight_map: dict[str, str] | None = None
+    part: str = ""  # pipeline folders: the subfolder, "unet" or "unet_ema"
+
+    @property
+    def is_ema(self) -> bool:
+        """True for the weights of a pipeline's ``unet_ema/`` (EMA UNet, not the one pipelines load)."""
+        return self.part == EMA_FOLDER
 
     @property
     def label(self) -> str:
@@ -113,5 +122,10 @@ def discover(ckpt: str | Path) -> Source:
         unet = path / "unet"
         if not unet.is_dir():
             raise InputError(f"{path}: pipeline folder without a unet/ subfolder")
-        return Source(path=path, kind="pipeline-folder", groups=weight_groups(unet))
+        groups = [replace(g, part="unet") for g in weight_groups(unet)]
+        ema = path / EMA_FOLDER
+        if ema.is_dir() and any(p.is_file() and p.name.endswith((".safetensors", *PICKLE_SUFFIXES))
+                                for p in ema.iterdir()):
+            groups += [replace(g, part=EMA_FOLDER) for g in weight_groups(ema)]  # pickles there are refused
+        return Source(path=path, kind="pipeline-folder", groups=groups)
     return Source(path=path, kind="unet-folder", groups=weight_groups(path))

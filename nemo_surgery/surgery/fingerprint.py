@@ -103,6 +103,6 @@ def weights_fingerprint(path: str | Path) -> str | None:
     from nemo_surgery.surgery.discover import discover
 
     source = discover(path)
-    groups = source.groups
+    groups = [g for g in source.groups if not g.is_ema]  # a pipeline's unet_ema/ is not the UNet it loads
     default = [g for g in groups if g.label.startswith("diffusion_pytorch_model.safetensors")]
     return group_fingerprint((default or groups)[0])

@@ -2,7 +2,8 @@
 
 Reads only headers (validated and cross-checked with ``safetensors.safe_open``);
 every problem (missing key, wrong shape, index out of range, non-float dtype)
-is raised here, before anything is written.
+is raised here, before anything is written. A pipeline's ``unet_ema/`` gets the
+same rows as ``unet/`` (role ``ema``), and the plan notes what that means.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class PatchPlan:
     source: Source
     layout: str
     files: list[FilePlan]
+    notes: list[str] = field(default_factory=list)  # for the report (e.g. what patching unet_ema/ means)
 
 
 def _rel(source: Source, path: Path) -> Path:
@@ -137,7 +139,7 @@ def build_plan(source: Source, neuron_set: NeuronSet) -> PatchPlan:
                 TensorPatch(
                     key=target.key,
                     layer_id=layer.id,
-                    role=target.role,
+                    role="ema" if group.is_ema else target.role,
                     dtype=tensor.dtype,
                     shape=tensor.shape,
                     rows=list(layer.neurons),
@@ -148,4 +150,36 @@ def build_plan(source: Source, neuron_set: NeuronSet) -> PatchPlan:
         raise InputError(f"{source.path}: weight files of mixed layouts ({', '.join(sorted(layout_names))})")
     layout = next(iter(layout_names))
     kind = {"file": layout, "unet-folder": "diffusers-unet-folder", "pipeline-folder": "diffusers-pipeline"}
-    return PatchPlan(source=source, layout=kind[source.kind], files=sorted(plans.values(), key=lambda f: str(f.rel)))
+    return PatchPlan(source=source, layout=kind[source.kind], files=sorted(plans.values(), key=lambda f: str(f.rel)),
+                     notes=ema_notes(source, getattr(neuron_set, "weights_fingerprint", None)))
+
+
+def ema_notes(source: Source, wanted: str | None) -> list[str]:
+    """What patching a pipeline's ``unet_ema/`` means, for the report: same rows, whose fingerprint, not verified.
+
+    Reads the fingerprinted tensors of every weight group (value, conv_in and
+    conv_out weights: tens of MB at SD 1.5 size); nothing when there is no
+    ``unet_ema/``.
+    """
+    from nemo_surgery.surgery.fingerprint import group_fingerprint
+
+    ema = [g for g in source.groups if g.is_ema]
+    if not ema:
+        return []
+    prints = [(g, group_fingerprint(g)) for g in source.groups]
+    matched = {g.part for g, fp in prints if wanted and fp == wanted}
+    ema_prints = ", ".join(sorted({fp[5:17] if fp else "none" for g, fp in prints if g.is_ema}))
+    if not wanted:
+        whose = "the set records no weights fingerprint, so the UNet it was scanned on is not recorded"
+    elif matched == {"unet"}:
+        whose = (f"its weights fingerprint ({ema_prints}) is not the one the set was scanned on ({wanted[5:17]}, "
+                 "unet/'s): the rows were located on unet/ and are taken to be the same neurons of the EMA "
+                 "average of that training run")
+    elif "unet_ema" in matched:
+        whose = (f"the set was scanned on these EMA weights (fingerprint {wanted[5:17]}); unet/ got the same rows "
+                 "without being the scanned UNet")
+    else:
+        whose = f"neither unet/ nor unet_ema/ has the set's weights fingerprint ({wanted[5:17]})"
+    files = sum(len(g.files) for g in ema)
+    return [f"unet_ema/ (EMA UNet, {files} weight file(s)) patched with the same rows as unet/; {whose}; "
+            "`verify` loads and samples unet/ only, so the EMA UNet's mitigation is not measured"]
