@@ -12,7 +12,7 @@ from pathlib import Path
 from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import load_neuron_set
 from nemo_surgery.surgery.apply import ApplyResult, run_apply
-from nemo_surgery.verify.inputs import loadable, precheck_inputs
+from nemo_surgery.verify.inputs import check_config, loadable, precheck_inputs
 from nemo_surgery.verify.options import VerifyOptions
 
 
@@ -56,6 +56,8 @@ def apply_and_verify(
     wanted = verify is not None and loadable(ckpt)
     run_it = wanted and not (dry_run or in_place)
     inputs = precheck_inputs(neurons_path, verify, neuron_set=neuron_set) if run_it else None
+    if run_it:
+        check_config(verify.config, ckpt)
     original = None
     if run_it and Path(ckpt).is_file():  # a single file may lack its config: refuse before writing anything
         from nemo_surgery.verify.run import load_for_verify

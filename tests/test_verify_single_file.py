@@ -115,6 +115,9 @@ def test_single_file_without_config_is_refused_before_writing(single, tmp_path, 
                                         str(s["good"]), "--config", str(s["config"]), "--device", "cpu"])
     lines = [line for line in folders.stderr.splitlines() if line.strip()]
     assert folders.exit_code == 2 and len(lines) == 1 and "only used with single-file" in lines[0], folders.stderr
+    with pytest.raises(InputError, match="only used with single-file"):  # apply: before writing anything
+        apply_and_verify(s["folder"], s["good"], out=tmp_path / "pipe-out", verify=VerifyOptions(config=s["config"]))
+    assert not (tmp_path / "pipe-out").exists()
     with pytest.raises(InputError, match="holding UNet, VAE and text encoder"):
         run_verify(s["ckpt"], s["root"] / "good.json", s["good"], VerifyOptions(config=s["config"], **QUICK))
 

@@ -131,9 +131,14 @@ def check_models(original: Path, pruned: Path, config: Path | None = None) -> No
                              "(verify samples full images)")
     if Path(pruned).resolve() == Path(original).resolve():
         raise InputError(f"{pruned}: PRUNED is the same path as ORIGINAL; pass the output of `nemo-surgery apply`")
-    if config is not None and not (Path(original).is_file() or Path(pruned).is_file()):
-        raise InputError(f"--config {config}: only used with single-file checkpoints; ORIGINAL and PRUNED are "
-                         "pipeline folders (drop --config)")
+    check_config(config, original, pruned)
+
+
+def check_config(config: Path | None, *paths: Path | str) -> None:
+    """--config is for single files: refuse it when every one of ``paths`` is a folder."""
+    if config is not None and not any(Path(p).is_file() for p in paths):
+        raise InputError(f"--config {config}: only used with single-file checkpoints; {', '.join(map(str, paths))} "
+                         "are pipeline folders (drop --config)")
 
 
 def digest_model(path: Path) -> dict[str, str]:
