@@ -136,3 +136,14 @@ def test_cli_apply_single_file_runs_its_verification(single, tmp_path, cli_cmd) 
     report = tmp_path / "applied.safetensors.nemo_report" / "report.json"
     assert json.loads(report.read_text())["inputs"]["pruned"]["path"] == str(out)
     assert out.read_bytes() == s["pruned"].read_bytes() and "equivalent" in run.stderr
+
+
+def test_ema_copies_in_a_single_file_are_noted(single, tmp_path) -> None:
+    """An LDM file with model_ema.* copies: apply patched them, verify samples the non-EMA UNet and says so."""
+    from nemo_surgery.verify.inputs import ema_notes
+    from tests.checkpoint_fixtures import write_ldm_file
+
+    (note,) = ema_notes(write_ldm_file(tmp_path / "with_ema.safetensors", ema=True))
+    assert "model_ema" in note and "not verified" in note
+    assert ema_notes(write_ldm_file(tmp_path / "no_ema.safetensors", ema=False)) == []
+    assert ema_notes(single["pruned"]) == [] and ema_notes(single["pruned_folder"]) == []

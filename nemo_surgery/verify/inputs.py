@@ -141,6 +141,27 @@ def check_config(config: Path | None, *paths: Path | str) -> None:
                          "are pipeline folders (drop --config)")
 
 
+def ema_notes(pruned: Path) -> list[str]:
+    """Notes on EMA weights in PRUNED that apply patched but verify does not sample (unet_ema/, model_ema.*)."""
+    from nemo_surgery.errors import NemoError
+    from nemo_surgery.keymap import LDM_EMA_PREFIX
+    from nemo_surgery.surgery.safetensors_file import read_header
+
+    pruned = Path(pruned)
+    if (pruned / "unet_ema").is_dir():
+        return ["PRUNED has unet_ema/ (EMA weights; apply patches it with the same rows): verify loads and samples "
+                "unet/ only, so the EMA UNet is not verified here"]
+    if pruned.is_file():
+        try:
+            has_ema = any(k.startswith(LDM_EMA_PREFIX) for k in read_header(pruned).tensors)
+        except NemoError:
+            return []
+        if has_ema:
+            return ["PRUNED holds model_ema.* copies (apply patches them with the same rows): diffusers loads "
+                    "model.diffusion_model.* only, so the EMA weights are not verified here"]
+    return []
+
+
 def digest_model(path: Path) -> dict[str, str]:
     """SHA-256 of a single file, or of a pipeline folder's UNet weight files (unet/ and unet_ema/) and model_index.json."""
     path = Path(path)

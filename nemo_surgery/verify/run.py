@@ -35,6 +35,7 @@ from nemo_surgery.verify.inputs import (
     check_models,
     default_report_dir,
     digest_model,
+    ema_notes,
     model_config,
     precheck_inputs,
 )
@@ -111,9 +112,7 @@ def run_verify(
     check_set_matches(got.neuron_set, pmodel, got.neurons_path, check_fingerprint=False)
     tau = got.stats.tau
     notes: list[str] = []
-    if (pruned / "unet_ema").is_dir():
-        notes.append("PRUNED has unet_ema/ (EMA weights; apply patches it with the same rows): verify loads and "
-                     "samples unet/ only, so the EMA UNet is not verified here")
+    notes += ema_notes(pruned)
     prompts, holdout, train = got.prompts, got.holdout, got.train
     controls = draw_controls(got.blocked, {layer.id: layer.rows for layer in orig.layers}, options.controls,
                              options.control_seed)
