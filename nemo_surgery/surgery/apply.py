@@ -43,13 +43,13 @@ from nemo_surgery.atomic import current_umask
 from nemo_surgery.errors import InputError, NemoError
 from nemo_surgery.neuron_set import NeuronSet, load_neuron_set
 from nemo_surgery.provenance import sha256_file
+from nemo_surgery.surgery.copypass import copy_range
 from nemo_surgery.surgery.discover import Source, discover
 from nemo_surgery.surgery.fingerprint import source_fingerprints
 from nemo_surgery.surgery.journal import Commit, begin_edit, end_edit, journal_path, pending_edit, publish, roll_forward
 from nemo_surgery.surgery.locking import PathLock, signals_deferred, sweep, term_as_interrupt, tmp_path, writable_folder
 from nemo_surgery.surgery.patch import (
     MODELSPEC_HASH,
-    copy_range,
     fsync_file,
     guard_write,
     plan_in_place,
@@ -60,7 +60,7 @@ from nemo_surgery.surgery.plan import FilePlan, PatchPlan, build_plan
 from nemo_surgery.surgery.report import write_report_files, write_reports
 from nemo_surgery.surgery.result import ApplyFailed, ApplyInterrupted, ApplyResult, FileResult
 from nemo_surgery.surgery.testhooks import pause_at
-from nemo_surgery.surgery.verify_struct import FileVerification, verify_copy, verify_in_place, verify_mirrored
+from nemo_surgery.surgery.verify_struct import FileVerification, verify_in_place, verify_mirrored, verify_written
 
 __all__ = ["ApplyFailed", "ApplyInterrupted", "ApplyResult", "FileResult", "default_output", "run_apply"]
 
@@ -152,16 +152,17 @@ def _clone_or_copy(src: Path, dst: Path) -> None:
 
 
 def _patch_and_verify(fp: FilePlan, dst: Path, rel: str, result: ApplyResult) -> FileVerification:
-    """Write the patched copy (one pass, both SHA-256s on worker threads) and verify it as on disk.
+    """Write the patched copy (one pass: kernel copy, both SHA-256s, chunks read back) and verify it.
 
-    The fsync runs while the output is re-read and compared with the input (from
-    the page cache); both finish before this returns, i.e. before any rename.
+    The fsync runs while the header is re-validated (and, for a modelspec hash,
+    the output re-read and hashed); both finish before this returns, i.e. before
+    any rename.
     """
     written = write_patched_copy(fp, dst, result.neuron_set_sha256, fsync=False)
     _cp_mode(fp.src, dst)
     with ThreadPoolExecutor(max_workers=1) as pool:
         synced = pool.submit(fsync_file, dst)
-        verification = verify_copy(fp, dst, written, rel=rel)
+        verification = verify_written(fp, dst, written, rel=rel)
         synced.result()
     return verification
 

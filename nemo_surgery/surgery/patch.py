@@ -1,12 +1,15 @@
 """Byte-level patching: copy a safetensors file with a new header and zeroed rows, or zero in place.
 
-Tensor bytes are never decoded. A copy is one streaming pass: each input chunk
-is hashed (input SHA-256), the planned ranges are zeroed in memory, and the
-result is hashed (output SHA-256) and written; hashing runs on worker threads
-and write-back starts early (``Flusher``). In place, only the ranges (and the
-header, when the new one fits) are written, after one pass that hashes the input
-and predicts the output's SHA-256. Memory is a few bounded chunks, independent
-of the checkpoint size.
+Tensor bytes are never decoded. A copy is one pass over the input through a
+small ring of buffers: each chunk is read once, hashed as read (input SHA-256),
+the planned ranges are zeroed in a copy of the chunks that hold them, and the
+buffer written is the one hashed into the output SHA-256 (digests on worker
+threads, write-back started early by ``Flusher``); chunks holding zeroed ranges
+are checked against the input as written (``copypass.PassCheck``). Why a
+read/write pass and not ``copy_file_range``: docs/apply.md. In place, only the
+ranges (and the header, when the new one fits) are written, after one pass that
+hashes the input and predicts the output's SHA-256. Memory is a few bounded
+chunks, independent of the checkpoint size.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from nemo_surgery import __version__
 from nemo_surgery.errors import NemoError
+from nemo_surgery.surgery.copypass import PassCheck, write_at, write_pieces
 from nemo_surgery.surgery.plan import FilePlan
 from nemo_surgery.surgery.safetensors_file import encode_header
 from nemo_surgery.surgery.streaming import (
@@ -36,43 +40,11 @@ from nemo_surgery.surgery.testhooks import pause_at
 from nemo_surgery.surgery.writeback import Flusher
 
 MODELSPEC_HASH = "modelspec.hash_sha256"
-_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
 def disk_full(path: Path) -> NemoError:
     """The one-line error for ENOSPC while writing path."""
     return NemoError(f"disk full while writing {path}; free space and rerun (nothing was written)")
-
-
-def write_at(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """Write all of data at offset (pwrite until done)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
-    """Copy length bytes between file offsets, in the kernel where possible."""
-    done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src_fd, dst_fd, min(length - done, 1 << 30), src_off + done, dst_off + done)
-            if n == 0:
-                raise OSError(errno.EIO, "source ended early")
-            done += n
-        return
-    except OSError as exc:
-        if exc.errno not in _FALLBACK_ERRNOS:
-            raise
-    buf = bytearray(min(CHUNK, max(length - done, 1)))
-    while done < length:
-        view = memoryview(buf)[: min(len(buf), length - done)]
-        n = os.preadv(src_fd, [view], src_off + done)
-        if n == 0:
-            raise OSError(errno.EIO, "source ended early")
-        write_at(dst_fd, view[:n], dst_off + done)
-        done += n
 
 
 def zero_ranges(fd: int, base: int, ranges: list[tuple[int, int]]) -> None:
@@ -132,23 +104,30 @@ def fsync_file(path: Path) -> None:
 
 @dataclass
 class WrittenCopy:
-    """What ``write_patched_copy`` wrote: metadata, header bytes and the digests taken while streaming."""
+    """What ``write_patched_copy`` wrote: metadata, header bytes, the digests taken while streaming, the read-back check."""
 
     metadata: dict[str, str]
     head: bytes
     sha256_in: str
     sha256_out: str | None  # None when the header was rewritten after streaming (modelspec hash)
     data_sha256_out: str | None  # SHA-256 of the data buffer written, computed only for a modelspec hash
+    check: PassCheck | None = None  # each written data chunk read back and compared during the pass
 
 
-def _stream_copy(src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head: bool) -> tuple[str, str]:
-    """Copy fp's data buffer behind head with zeroed ranges; return (SHA-256 in, SHA-256 out).
+def _stream_copy(src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head: bool) -> tuple[str, str, PassCheck]:
+    """Copy fp's data buffer behind head with zeroed ranges; return (SHA-256 in, SHA-256 out, check of the written bytes).
 
-    The output digest covers head + data when ``hash_head``, else the data buffer only.
+    The output digest covers head + data when ``hash_head``, else the data buffer
+    only. Each input chunk is read once; the very buffer written (the chunk
+    itself, or its copy with the ranges zeroed) is the one hashed into the output
+    digest, so the digest is that of the bytes written. Chunks that hold zeroed
+    ranges are checked against the input (``PassCheck``).
     """
     header, ranges = fp.header, fp.ranges
+    base = len(head)
     h_in, h_out = Hasher(), Hasher()
     flusher = Flusher(dst_fd)
+    check = PassCheck()
     try:
         h_in.submit(read_bytes(src_fd, 0, header.data_start))
         if hash_head:
@@ -159,12 +138,14 @@ def _stream_copy(src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head:
             out = with_zeros(view, pos, ranges)
             busy.append(h_in.submit(view))
             busy.append(h_out.submit(out))
-            write_at(dst_fd, out, len(head) + pos)
+            write_pieces(dst_fd, out, base + pos)
             flusher.wrote(len(out))
             if pos == 0:
                 pause_at("copy-streaming")
+            check.chunk(view, out, pos, ranges)
         ring.drain()
-        return h_in.hexdigest(), h_out.hexdigest()
+        check.size_ok = os.fstat(dst_fd).st_size == base + header.data_len
+        return h_in.hexdigest(), h_out.hexdigest(), check
     finally:
         flusher.finish()
         h_in.close()
@@ -174,12 +155,13 @@ def _stream_copy(src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head:
 def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: bool = True) -> WrittenCopy:
     """Write fp.src to dst (a fresh temp path) with new metadata and zeroed rows in one pass; fsync unless told not to.
 
-    The input's and the output's SHA-256 are computed from the very chunks read
-    and written. With a ``modelspec.hash_sha256`` key the header is written with a
-    placeholder and rewritten after the pass (same length), so the output file's
-    digest is left to verification. dst is removed on any failure; ENOSPC becomes
-    one actionable NemoError. Callers that verify before renaming pass
-    ``fsync=False`` and fsync while verifying.
+    The input's and the output's SHA-256 are computed from the very chunks read,
+    and every output chunk is read back and compared with the bytes hashed
+    (``WrittenCopy.check``). With a ``modelspec.hash_sha256`` key the header is
+    written with a placeholder and rewritten after the pass (same length), so the
+    output file's digest is left to verification. dst is removed on any failure;
+    ENOSPC becomes one actionable NemoError. Callers that verify before renaming
+    pass ``fsync=False`` and fsync while verifying.
     """
     header = fp.header
     has_spec = MODELSPEC_HASH in (header.metadata or {})
@@ -193,7 +175,7 @@ def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: b
             advise_sequential(src_fd)
             dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                sha_in, sha_out = _stream_copy(src_fd, dst_fd, fp, head, hash_head=not has_spec)
+                sha_in, sha_out, check = _stream_copy(src_fd, dst_fd, fp, head, hash_head=not has_spec)
                 final_meta, final_head, data_sha = meta, head, None
                 if has_spec:
                     data_sha, sha_out = sha_out, None
@@ -204,7 +186,7 @@ def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: b
                     write_at(dst_fd, final_head, 0)
                 if fsync:
                     os.fsync(dst_fd)
-                done.append(WrittenCopy(final_meta, final_head, sha_in, sha_out, data_sha))
+                done.append(WrittenCopy(final_meta, final_head, sha_in, sha_out, data_sha, check))
             finally:
                 os.close(dst_fd)
         finally:

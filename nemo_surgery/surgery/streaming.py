@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Streaming chunk size in bytes.
-CHUNK = 16 << 20
+CHUNK = 8 << 20
 #: Buffers in a ring (memory per stream = CHUNK * RING_DEPTH).
 RING_DEPTH = 3
 

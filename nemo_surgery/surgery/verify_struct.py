@@ -1,8 +1,10 @@
 """Structural verification of a patched file as on disk: header, tensor table, zero rows, untouched bytes.
 
-A copy is re-read after writing and compared with the input in bounded chunks
-(one memcmp per chunk against the input with the rows zeroed); an in-place
-patch is re-hashed and matched against the digest predicted before patching.
+A copy is checked from what its copy pass wrote, with its header and rows read
+back (``verify_written``), or re-read in full and compared with the input in
+bounded chunks (``verify_copy``: one memcmp per chunk against the input with the
+rows zeroed); an in-place patch is re-hashed and matched against the digest
+predicted before patching.
 Failures are returned as checks, not raised.
 """
 
@@ -199,6 +201,42 @@ def verify_copy(fp: FilePlan, out: Path, written: WrittenCopy, rel: str | None =
     )
     # the data on disk equals the bytes hashed into data_sha256_out when both checks above pass
     _modelspec_check(result, metadata, written.data_sha256_out or "")
+    return result
+
+
+def verify_written(fp: FilePlan, out: Path, written: WrittenCopy, rel: str | None = None) -> FileVerification:
+    """Verify a patched copy from what its copy pass wrote, without reading the whole output again.
+
+    The pass hashed into ``sha256_out`` the very buffers it wrote and checked
+    each buffer holding zeroed ranges against the input (``copypass.PassCheck``);
+    here the header is re-read, validated and compared byte for byte, the rows are
+    read back from the file and must be zero, and the file size must be header +
+    data. Without a pass check, or when the header was rewritten after the pass
+    (modelspec hash: the file's digest needs the final header), this is
+    ``verify_copy``: the output is re-read, compared and hashed.
+    """
+    check = written.check
+    if check is None or written.sha256_out is None:
+        return verify_copy(fp, out, written, rel=rel)
+    result = FileVerification(rel=rel or str(fp.rel), output=out, sha256_in=written.sha256_in)
+    if _header_checks(result, fp, out, written.metadata) is None:
+        return result
+    with open(out, "rb") as fh:
+        disk_head = fh.read(len(written.head))
+    result.add("header bytes as written", disk_head == written.head, "prefix and JSON header read back")
+    zero = check.targets_zero and ranges_all_zero(out, len(written.head), fp.ranges)
+    result.add("targeted rows all zero", zero, f"{fp.bytes_zeroed} bytes in {len(fp.ranges)} ranges, zero as "
+               "written and read back")
+    if check.others_identical:
+        how = ("every byte written outside the rows is the input's, from the same buffer it was read into (chunks "
+               "holding rows compared with the input, memcmp); file size is header + data; sha256_out hashed from "
+               "the buffers written")
+    elif check.first_difference is not None:
+        how = f"first difference at data byte {check.first_difference}"
+    else:
+        how = "output size differs from header + data buffer"
+    result.add("all other bytes identical", check.others_identical, how)
+    result.sha256_out = written.sha256_out
     return result
 
 

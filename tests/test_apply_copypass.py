@@ -1,0 +1,134 @@
+"""The copy pass at copy speed: one read of the input, the written buffers hashed and checked, no full re-read."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from nemo_surgery.neuron_set import load_neuron_set
+from nemo_surgery.provenance import sha256_file
+from nemo_surgery.surgery import verify_struct
+from nemo_surgery.surgery.apply import run_apply
+from nemo_surgery.surgery.copypass import PassCheck, write_pieces
+from nemo_surgery.surgery.discover import discover
+from nemo_surgery.surgery.patch import write_patched_copy
+from nemo_surgery.surgery.plan import build_plan
+from tests.checkpoint_fixtures import DEFAULT_NEURONS, write_ldm_file, write_neuron_set
+
+
+def _zeroed(data: bytes, ranges: list[tuple[int, int]]) -> bytearray:
+    out = bytearray(data)
+    for off, length in ranges:
+        out[off : off + length] = bytes(length)
+    return out
+
+
+def test_pass_check_accepts_exact_buffers_and_locates_what_is_wrong() -> None:
+    data = bytes(range(1, 201))
+    ranges = [(10, 5), (100, 20)]
+    src = memoryview(bytearray(data))
+    check = PassCheck()
+    check.chunk(src, src.obj, 0, ranges)  # a buffer written as read is the input itself
+    check.chunk(src, _zeroed(data, ranges), 0, ranges)
+    assert check.targets_zero and check.others_identical
+    bad_row = _zeroed(data, ranges)
+    bad_row[105] = 9  # inside the second range
+    check.chunk(src, bad_row, 0, ranges)
+    assert not check.targets_zero and check.others_identical
+    check = PassCheck()
+    bad_other = _zeroed(data, ranges)
+    bad_other[150] ^= 0xFF  # outside the ranges, at data byte 1000 + 150
+    check.chunk(src, bad_other, 1000, [(1010, 5), (1100, 20)])  # the same rows, chunk at data byte 1000
+    assert check.targets_zero and check.first_difference == 1150 and not check.others_identical
+    check = PassCheck()
+    check.chunk(src, bytes(src), 0, ranges)  # rows left unzeroed: only the targets are wrong
+    assert not check.targets_zero and check.first_difference is None
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096, 1 << 20])
+def test_write_pieces_writes_every_byte_in_place(tmp_path: Path, piece: int) -> None:
+    data = os.urandom(10_000)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"H" * 13)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        write_pieces(fd, memoryview(data), 13, piece)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"H" * 13 + data
+
+
+def _plan(tmp_path: Path, **kwargs):
+    src = write_ldm_file(tmp_path / "m.safetensors", "fp16", **kwargs)
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    return src, ns, build_plan(discover(src), load_neuron_set(ns)).files[0]
+
+
+def test_verify_written_reads_rows_and_header_back(tmp_path: Path) -> None:
+    _src, _ns, fp = _plan(tmp_path)
+    out = tmp_path / "out.safetensors"
+    written = write_patched_copy(fp, out, "x" * 64)
+    assert written.check is not None and written.check.targets_zero and written.check.others_identical
+    assert written.sha256_out == sha256_file(out)
+    good = verify_struct.verify_written(fp, out, written)
+    assert good.ok, good.checks
+    base = len(written.head)
+    off = fp.ranges[0][0]
+    with open(out, "r+b") as fh:  # a row changed on disk after the pass: the read-back sees it
+        fh.seek(base + off)
+        fh.write(b"\x01")
+    assert {c.name for c in verify_struct.verify_written(fp, out, written).checks if not c.ok} == {
+        "targeted rows all zero"
+    }
+    with open(out, "r+b") as fh:
+        fh.seek(base + off)
+        fh.write(b"\x00")
+        fh.seek(20)
+        fh.write(b"X")  # inside the JSON header
+    failed = {c.name for c in verify_struct.verify_written(fp, out, written).checks if not c.ok}
+    assert failed & {"header valid", "header bytes as written"}
+
+
+def test_verify_written_reports_a_failed_pass(tmp_path: Path) -> None:
+    _src, _ns, fp = _plan(tmp_path)
+    out = tmp_path / "out.safetensors"
+    written = write_patched_copy(fp, out, "x" * 64)
+    written.check = PassCheck(first_difference=123)
+    bad = verify_struct.verify_written(fp, out, written)
+    assert [(c.name, c.detail) for c in bad.checks if not c.ok] == [
+        ("all other bytes identical", "first difference at data byte 123")
+    ]
+    written.check = PassCheck(size_ok=False)
+    assert not verify_struct.verify_written(fp, out, written).ok
+
+
+def test_apply_does_not_reread_the_output_except_for_a_modelspec_hash(tmp_path: Path, monkeypatch) -> None:
+    calls: list[Path] = []
+    real = verify_struct.compare_files
+
+    def counting(src, header, out, *args, **kwargs):
+        calls.append(Path(out))
+        return real(src, header, out, *args, **kwargs)
+
+    monkeypatch.setattr(verify_struct, "compare_files", counting)
+    src, ns, fp = _plan(tmp_path)
+    result = run_apply(src, ns)
+    assert result.ok and calls == []
+    f = result.files[0]
+    assert f.verification.sha256_out == sha256_file(result.output)
+    assert f.verification.sha256_in == sha256_file(src)
+    with open(result.output, "rb") as fh:
+        data = fh.read()
+    head_len = len(data) - fp.header.data_len
+    with open(src, "rb") as fh:
+        assert data[head_len:] == _zeroed(fh.read()[fp.header.data_start :], fp.ranges)
+    # with a modelspec hash the header carries the data digest, so the file's digest needs a second pass
+    spec = tmp_path / "spec"
+    spec.mkdir()
+    src2 = write_ldm_file(spec / "m.safetensors", "fp16", metadata={"modelspec.hash_sha256": "0x00"})
+    result = run_apply(src2, ns)
+    assert result.ok and len(calls) == 1
+    assert result.files[0].verification.sha256_out == hashlib.sha256(result.output.read_bytes()).hexdigest()
