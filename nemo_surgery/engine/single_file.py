@@ -91,7 +91,7 @@ def load_single_file(path: Path, config: Path | None, torch_dtype: Any, with_vae
     except InputError:
         raise
     except Exception as exc:  # diffusers raises ValueError, OSError, EnvironmentError, KeyError, hub errors
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else type(exc).__name__
         if config is None:
             raise InputError(
                 f"{path}: cannot load this single file offline ({first}); pass --config DIR, a local diffusers "
