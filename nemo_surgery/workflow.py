@@ -12,7 +12,6 @@ from pathlib import Path
 from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import load_neuron_set
 from nemo_surgery.surgery.apply import ApplyResult, run_apply
-from nemo_surgery.verify.inputs import check_config, loadable, precheck_inputs
 from nemo_surgery.verify.options import VerifyOptions
 
 
@@ -53,6 +52,8 @@ def apply_and_verify(
     """
     neurons_path = Path(neurons)
     neuron_set = load_neuron_set(neurons_path)
+    if verify is not None:  # verify's inputs import torch (~200 MB, seconds): apply alone does without
+        from nemo_surgery.verify.inputs import check_config, loadable, precheck_inputs
     wanted = verify is not None and loadable(ckpt)
     run_it = wanted and not (dry_run or in_place)
     inputs = precheck_inputs(neurons_path, verify, neuron_set=neuron_set) if run_it else None

@@ -132,3 +132,21 @@ def test_apply_does_not_reread_the_output_except_for_a_modelspec_hash(tmp_path: 
     result = run_apply(src2, ns)
     assert result.ok and len(calls) == 1
     assert result.files[0].verification.sha256_out == hashlib.sha256(result.output.read_bytes()).hexdigest()
+
+
+def test_apply_without_verify_never_imports_torch(tmp_path: Path) -> None:
+    """`apply --no-verify` stays small: importing torch alone costs about 200 MB of RSS and seconds."""
+    import subprocess
+    import sys
+
+    src, ns, _fp = _plan(tmp_path)
+    code = (
+        "import sys; from nemo_surgery.workflow import apply_and_verify;"
+        f"done = apply_and_verify({str(src)!r}, {str(ns)!r}, verify=None); assert done.applied.ok;"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
