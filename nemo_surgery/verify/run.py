@@ -92,9 +92,10 @@ def run_verify(
     here when None; ``original_model`` is ORIGINAL already loaded by
     ``load_for_verify`` (apply loads a single file before writing, so that a
     missing config is refused first). ORIGINAL and PRUNED are pipeline folders
-    or single-file checkpoints (``options.config``). The pruned pipeline is loaded fresh, without hooks; the
-    controls are blocked by hook on the original (equivalence shows the two
-    agree). Raises InputError for bad input; the verdict is in the result.
+    or single-file checkpoints (``options.config``). The pruned pipeline is
+    loaded fresh, without hooks; the controls are blocked by hook on the
+    original (equivalence shows the two agree). Raises InputError for bad
+    input; the verdict is in the result.
     """
     started = time.perf_counter()
     say = stage or (lambda _text: None)
@@ -111,8 +112,7 @@ def run_verify(
     pmodel = load_for_verify(pruned, options)
     check_set_matches(got.neuron_set, pmodel, got.neurons_path, check_fingerprint=False)
     tau = got.stats.tau
-    notes: list[str] = []
-    notes += ema_notes(pruned)
+    notes: list[str] = ema_notes(pruned)
     prompts, holdout, train = got.prompts, got.holdout, got.train
     controls = draw_controls(got.blocked, {layer.id: layer.rows for layer in orig.layers}, options.controls,
                              options.control_seed)
