@@ -61,7 +61,7 @@ def apply_and_verify(
         check_config(verify.config, ckpt)
     original = None
     if run_it and Path(ckpt).is_file():  # a single file may lack its config: refuse before writing anything
-        from nemo_surgery.verify.run import load_for_verify
+        from nemo_surgery.verify.run import check_original, load_for_verify
 
         # the cheap checks (plan, fingerprint, output path) first, then the model load
         run_apply(ckpt, neurons_path, neuron_set=neuron_set, out=out, dry_run=True, force=force)
@@ -69,6 +69,7 @@ def apply_and_verify(
             original = load_for_verify(ckpt, verify)
         except InputError as exc:
             raise InputError(f"{exc}; or pass --no-verify to apply without verification") from None
+        check_original(inputs, original)  # the set and statistics are from this model
     result = run_apply(ckpt, neurons_path, neuron_set=neuron_set, out=out, in_place=in_place, dry_run=dry_run, force=force)
     if applied is not None:
         applied(result)

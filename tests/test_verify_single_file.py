@@ -49,6 +49,7 @@ def single(planted, planted_stats, tmp_path_factory):
     wrong = _set(root / "wrong.json", planted_stats[0], model.fingerprint, plant.layer_id, [0, 1])
     return {
         "root": root, "folder": folder, "ckpt": ckpt, "config": config, "good": good, "wrong": wrong, "plant": plant,
+        "stats": planted_stats[0],
         "pruned": run_apply(ckpt, good, out=root / "model-nemo.safetensors").output,
         "pruned_wrong": run_apply(ckpt, wrong, out=root / "model-wrong.safetensors").output,
         "pruned_folder": run_apply(folder, good, out=root / "pipe-nemo").output,
@@ -115,6 +116,10 @@ def test_single_file_without_config_is_refused_before_writing(single, tmp_path, 
                                         str(s["good"]), "--config", str(s["config"]), "--device", "cpu"])
     lines = [line for line in folders.stderr.splitlines() if line.strip()]
     assert folders.exit_code == 2 and len(lines) == 1 and "only used with single-file" in lines[0], folders.stderr
+    other = _set(tmp_path / "other.json", s["stats"], "f" * 64, s["plant"].layer_id, [3])
+    with pytest.raises(InputError, match="found on another model"):  # a set of other weights: before writing
+        apply_and_verify(s["ckpt"], other, out=out, verify=VerifyOptions(config=s["config"], stats=s["stats"]))
+    assert not out.exists()
     with pytest.raises(InputError, match="only used with single-file"):  # apply: before writing anything
         apply_and_verify(s["folder"], s["good"], out=tmp_path / "pipe-out", verify=VerifyOptions(config=s["config"]))
     assert not (tmp_path / "pipe-out").exists()

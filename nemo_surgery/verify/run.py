@@ -65,6 +65,12 @@ def check_set_matches(neuron_set: NeuronSet, model: LoadedModel, path: Path, che
                              f"in {model.source}")
 
 
+def check_original(got: VerifyInputs, orig: LoadedModel) -> None:
+    """The statistics and the neuron set must both come from ORIGINAL (model fingerprint, layers, shapes)."""
+    check_stats_match(got.stats, orig, got.stats_path)
+    check_set_matches(got.neuron_set, orig, got.neurons_path)
+
+
 def load_for_verify(path: str | Path, options: VerifyOptions) -> LoadedModel:
     """Load a pipeline folder or a single file (with ``options.config``) for sampling: with its VAE, offline."""
     return load_model(path, device=options.device, dtype=options.dtype, with_vae=True,
@@ -107,8 +113,7 @@ def run_verify(
 
     say("loading models")
     orig = original_model if original_model is not None else load_for_verify(original, options)
-    check_stats_match(got.stats, orig, got.stats_path)
-    check_set_matches(got.neuron_set, orig, got.neurons_path)
+    check_original(got, orig)
     pmodel = load_for_verify(pruned, options)
     check_set_matches(got.neuron_set, pmodel, got.neurons_path, check_fingerprint=False)
     tau = got.stats.tau
