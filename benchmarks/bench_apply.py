@@ -1,15 +1,27 @@
-"""Benchmark `apply` on an SD 1.5-sized single-file checkpoint: time vs `cp`, in-place time, peak RSS.
+"""Benchmark `apply` on an SD 1.5-shaped single-file checkpoint: time against `cp` + `sync`, peak RSS.
 
-Builds (streamed, bounded memory) a safetensors file of about --gb GB with the
-16 real SD 1.x ``attn2.to_v`` keys and shapes in fp16 plus filler tensors of
-random values, then measures in one run:
+Builds (streamed, bounded memory) a safetensors file of --gib GiB (default 2)
+with the 16 real SD 1.x ``attn2.to_v`` keys and shapes in fp16 plus filler
+tensors of random values, then measures, in one run, --repeat rounds (default 3)
+of, in this order, each on the same warm page cache (the input is read once with
+``cat`` before every measurement; dropping caches needs privileges this tool does
+not assume, so both sides start warm) and after a ``sync``:
 
 - ``cp`` and ``cp`` + ``sync`` of the file (apply fsyncs its output, cp does not);
-- apply (copy mode, including the always-on structural verification), its patch
-  phase alone, and apply --in-place, each in a child process whose peak RSS is
-  read with ``os.wait4``.
+- ``nemo-surgery apply --no-verify`` (the CLI: interpreter start-up, plan,
+  fingerprint, the copy pass, structural verification, fsync, report, publish);
+- ``run_apply`` called from a small Python child (the same work without the CLI's
+  imports), with --baseline-rev also ``run_apply`` of an older git revision (its
+  package extracted with ``git archive``), the copy pass alone
+  (``write_patched_copy``), and ``apply --in-place`` (on a fresh copy of the
+  file, made outside the timing).
 
-Usage: python benchmarks/bench_apply.py [--gb 2.5] [--dir /tmp]
+Each child runs under ``/usr/bin/time -v``; its "Maximum resident set size" is the
+peak RSS printed (``os.wait4`` where /usr/bin/time is missing). Times are medians
+over the rounds, ratios are of medians, and every round runs both sides under the
+same machine load.
+
+Usage: python benchmarks/bench_apply.py [--gib 2] [--repeat 3] [--dir /tmp] [--baseline-rev REV] [--nice N]
 """
 
 from __future__ import annotations
@@ -17,14 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from nemo_surgery.keymap import SD_LAYERS_PER_BLOCK, diffusers_to_ldm, ldm_weight_key  # noqa: E402
 
@@ -83,86 +98,150 @@ def neuron_set_doc(neurons: dict[str, list[int]]) -> dict:
         for lid, rows in neurons.items()]}
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Run cmd; return (seconds, peak RSS in MB) of that child alone."""
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, float]:
+    """Run cmd; return (seconds, peak RSS in MB, CPU seconds) of that child alone.
+
+    Peak RSS is /usr/bin/time -v's "Maximum resident set size" where it exists,
+    else the same figure from ``os.wait4``; CPU seconds are user + system time.
+    """
+    gnu_time = shutil.which("time", path="/usr/bin")
+    report = None
+    if gnu_time:
+        fd, report = tempfile.mkstemp(prefix="nemo-bench-time-")
+        os.close(fd)
+        cmd = [gnu_time, "-v", "-o", report, *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return elapsed, usage.ru_maxrss // 1024
+    rss_kb = usage.ru_maxrss
+    if report is not None:
+        text = Path(report).read_text()
+        Path(report).unlink()
+        rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    return elapsed, rss_kb // 1024, usage.ru_utime + usage.ru_stime
 
 
-def child(code: str) -> list[str]:
-    """A Python child command running code (with the repo on sys.path)."""
-    here = Path(__file__).resolve().parent
-    paths = [str(here.parent), str(here)]
+def child(code: str, root: Path = ROOT) -> list[str]:
+    """A Python child command running code (with root, the package's source tree, first on sys.path)."""
+    paths = [str(root), str(Path(__file__).resolve().parent)]
     return [sys.executable, "-c", f"import sys; sys.path[:0] = {paths!r}; {code}"]
 
 
+def extract_revision(rev: str, dest: Path) -> Path:
+    """Write the nemo_surgery package of git revision rev under dest (git archive: the repository is not touched)."""
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "nemo_surgery"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def warm(src: Path) -> None:
+    """Read src into the page cache and flush dirty data: the same start for every measurement."""
+    subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)
+    os.sync()
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+    os.sync()
+
+
+def one_round(src: Path, ns: Path, work: Path, baseline: tuple[str, Path] | None) -> dict[str, tuple[float, int, float]]:
+    """Every measurement once, each after warm(); returns name -> (seconds, peak RSS MB, CPU seconds)."""
+    out, cp_out = work / "out.safetensors", work / "cp.safetensors"
+    reports = [out.with_name(out.name + ".report.json"), out.with_name(out.name + ".report.md")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    got: dict[str, tuple[float, int, float]] = {}
+    warm(src)
+    got["cp"] = timed(["cp", str(src), str(cp_out)])
+    _remove(cp_out)
+    warm(src)
+    got["cp + sync"] = timed(["sh", "-c", f"cp '{src}' '{cp_out}' && sync"])
+    _remove(cp_out)
+    warm(src)
+    got["apply (CLI, --no-verify)"] = timed(
+        [sys.executable, "-m", "nemo_surgery", "apply", str(src), "--neurons", str(ns), "--out", str(out),
+         "--no-verify", "--quiet"], env=env)
+    _remove(out, *reports)
+    warm(src)
+    got["run_apply (library call)"] = timed(child(
+        "from nemo_surgery.surgery.apply import run_apply;"
+        f"r = run_apply({str(src)!r}, {str(ns)!r}, out={str(out)!r}); assert r.ok"
+    ))
+    _remove(out, *reports)
+    if baseline is not None:
+        warm(src)
+        got[f"run_apply at {baseline[0]}"] = timed(child(
+            "from nemo_surgery.surgery.apply import run_apply;"
+            f"r = run_apply({str(src)!r}, {str(ns)!r}, out={str(out)!r}); assert r.ok", root=baseline[1]
+        ))
+        _remove(out, *reports)
+    warm(src)
+    got["copy pass only (write_patched_copy)"] = timed(child(
+        "from pathlib import Path; from nemo_surgery.neuron_set import load_neuron_set;"
+        "from nemo_surgery.surgery.discover import discover; from nemo_surgery.surgery.plan import build_plan;"
+        "from nemo_surgery.surgery.patch import write_patched_copy;"
+        f"p = build_plan(discover({str(src)!r}), load_neuron_set({str(ns)!r}));"
+        f"w = write_patched_copy(p.files[0], Path({str(out)!r}), 'x'); assert w.check.targets_zero and w.check.others_identical"
+    ))
+    _remove(out)
+    victim = work / "inplace.safetensors"
+    subprocess.run(["cp", str(src), str(victim)], check=True)
+    warm(victim)
+    got["apply --in-place (library call)"] = timed(child(
+        "from nemo_surgery.surgery.apply import run_apply;"
+        f"r = run_apply({str(victim)!r}, {str(ns)!r}, in_place=True); assert r.ok"
+    ))
+    _remove(victim, victim.with_name(victim.name + ".report.json"), victim.with_name(victim.name + ".report.md"))
+    return got
+
+
 def main() -> None:
-    """Build the file, run every measurement once, print a table."""
+    """Build the file, run the rounds, print a table of medians."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gb", type=float, default=2.5)
-    ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--gib", type=float, default=2.0, help="checkpoint size in GiB (default 2)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of every measurement (default 3); medians printed")
+    ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the files go (needs about 3x --gib free)")
+    ap.add_argument("--baseline-rev", default=None,
+                    help="also time run_apply of this git revision (e.g. HEAD~3), in the same rounds")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="change this process's niceness by N first, children alike (negative needs root): other jobs' "
+                         "load then weighs less on every measured side")
     args = ap.parse_args()
+    if args.nice:
+        os.nice(args.nice)
     work = Path(tempfile.mkdtemp(prefix="nemo-bench-", dir=args.dir))
     try:
+        baseline = (args.baseline_rev, extract_revision(args.baseline_rev, work / "baseline")) if args.baseline_rev else None
         src, ns = work / "sd15.safetensors", work / "set.json"
         # built in a child so this process stays small: a forked child inherits the parent's RSS
         subprocess.run(child(
             "import json, pathlib, bench_apply as b;"
-            f"n = b.build_checkpoint(pathlib.Path({str(src)!r}), {args.gb});"
+            f"n = b.build_checkpoint(pathlib.Path({str(src)!r}), {args.gib * 2**30 / 1e9});"
             f"pathlib.Path({str(ns)!r}).write_text(json.dumps(b.neuron_set_doc(n)))"
         ), check=True)
         neurons = {layer["id"]: layer["neurons"] for layer in json.loads(ns.read_text())["layers"]}
-        gb = src.stat().st_size / 1e9
-        subprocess.run(["cat", str(src)], stdout=subprocess.DEVNULL, check=True)  # same cache state for all
-        os.sync()
-
-        t_cp, _ = timed(["cp", str(src), str(work / "cp.safetensors")])
-        os.sync()
-        (work / "cp.safetensors").unlink()
-        os.sync()
-        t_cp_sync, _ = timed(["sh", "-c", f"cp '{src}' '{work}/cp.safetensors' && sync"])
-        (work / "cp.safetensors").unlink()
-        os.sync()
-
-        t_patch, rss_patch = timed(child(
-            "from pathlib import Path; from nemo_surgery.neuron_set import load_neuron_set;"
-            "from nemo_surgery.surgery.discover import discover; from nemo_surgery.surgery.plan import build_plan;"
-            "from nemo_surgery.surgery.patch import write_patched_copy;"
-            f"p = build_plan(discover({str(src)!r}), load_neuron_set({str(ns)!r}));"
-            f"write_patched_copy(p.files[0], Path({str(work / 'patch.safetensors')!r}), 'x')"
-        ))
-        (work / "patch.safetensors").unlink()
-        os.sync()
-
-        out = work / "out.safetensors"
-        t_apply, rss_apply = timed(child(
-            "from nemo_surgery.surgery.apply import run_apply;"
-            f"r = run_apply({str(src)!r}, {str(ns)!r}, out={str(out)!r}); assert r.ok"
-        ))
-        rows = json.loads(Path(str(out) + ".report.json").read_text())["rows_zeroed"]
-        out.unlink()
-        os.sync()
-
-        t_inplace, rss_inplace = timed(child(
-            "from nemo_surgery.surgery.apply import run_apply;"
-            f"r = run_apply({str(src)!r}, {str(ns)!r}, in_place=True); assert r.ok"
-        ))
-
-        print(f"checkpoint: {gb:.2f} GB, {len(neurons)} to_v layers, {rows} rows zeroed (fp16)")
-        print(f"{'measure':<44}{'seconds':>9}{'x cp':>8}{'x cp+sync':>11}{'peak RSS MB':>13}")
-        for name, t, rss in [
-            ("cp", t_cp, None),
-            ("cp + sync", t_cp_sync, None),
-            ("apply: patch phase only (copy+zero+fsync)", t_patch, rss_patch),
-            ("apply (patch + structural verification)", t_apply, rss_apply),
-            ("apply --in-place (pre-scan+zero+verify)", t_inplace, rss_inplace),
-        ]:
-            print(f"{name:<44}{t:>9.2f}{t / t_cp:>8.2f}{t / t_cp_sync:>11.2f}{'' if rss is None else rss:>13}")
+        rows = sum(len(r) for r in neurons.values())
+        rounds = [one_round(src, ns, work, baseline) for _ in range(max(args.repeat, 1))]
+        size = src.stat().st_size
+        load = os.getloadavg()
+        print(f"checkpoint: {size / 2**30:.2f} GiB ({size / 1e9:.2f} GB), {len(neurons)} to_v layers, {rows} rows "
+              f"zeroed (fp16); {len(rounds)} round(s), medians; page cache warm for every row; "
+              f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {os.cpu_count()} CPUs; niceness {os.nice(0)}")
+        med = {name: (statistics.median(r[name][0] for r in rounds), max(r[name][1] for r in rounds),
+                      statistics.median(r[name][2] for r in rounds)) for name in rounds[0]}
+        t_cp, t_cp_sync = med["cp"][0], med["cp + sync"][0]
+        print(f"{'measure':<38}{'seconds':>9}{'x cp':>7}{'x cp+sync':>11}{'GiB/s':>7}{'CPU s':>7}{'peak RSS MB':>13}"
+              "  all rounds (s)")
+        for name, (t, rss, cpu) in med.items():
+            every = " ".join(f"{r[name][0]:.2f}" for r in rounds)
+            print(f"{name:<38}{t:>9.2f}{t / t_cp:>7.2f}{t / t_cp_sync:>11.2f}{size / 2**30 / t:>7.2f}{cpu:>7.2f}"
+                  f"{rss:>13}  {every}")
+        print("CPU s: user + system seconds of the child (median); peak RSS: the largest over the rounds")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

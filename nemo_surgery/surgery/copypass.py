@@ -1,10 +1,10 @@
 """Writing helpers of the copy pass and the check of what it wrote.
 
 ``write_pieces`` writes a chunk with pwrite calls of ``WRITE_PIECE`` bytes:
-measured on this project's machine (ext4, kernel 6.18, 2 GiB written, fsync
-included), 256 KiB calls cost about 1.0 s of system time, the same as the
-kernel's own ``copy_file_range``, while 1 MiB calls cost about 6 s (the page
-cache allocates larger folios for larger writes, and there that was slow).
+measured on this project's machine (ext4, kernel 6.18 in a VM, 2 GiB written,
+fsync included), 256 KiB calls cost about 1.0 s of system time, the same as the
+kernel's own ``copy_file_range``, while 1 MiB calls cost about 6 s and 8 MiB
+calls 6-8.5 s (why was not established).
 ``copy_range`` copies byte ranges between files in the kernel (used for the
 unchanged files of a folder). ``PassCheck`` checks, as the pass goes, that each
 buffer written equals the input chunk with exactly the planned ranges zeroed.
