@@ -150,3 +150,77 @@ def test_apply_without_verify_never_imports_torch(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_aligned_json_length_keeps_the_data_offset_modulo_the_block() -> None:
+    from nemo_surgery.surgery.copypass import aligned_json_length
+
+    for data_start in (88, 4104, 5008, 8208, 1 << 20):
+        for needed in (80, 4088, 4096, 9000):
+            for block in (512, 4096, 65536):
+                length = aligned_json_length(needed, data_start, block)
+                assert needed <= length < needed + block
+                assert (8 + length - data_start) % block == 0
+
+
+def _can_clone(folder: Path) -> bool:
+    from nemo_surgery.surgery.copypass import clone_tail
+
+    a, b = folder / ".probe-a", folder / ".probe-b"
+    a.write_bytes(bytes(8192))
+    try:
+        with open(a, "rb") as fa, open(b, "wb") as fb:
+            return clone_tail(fa.fileno(), fb.fileno(), 0, 0)
+    finally:
+        a.unlink()
+        b.unlink(missing_ok=True)
+
+
+def test_without_reflink_nothing_is_cloned_and_the_header_is_not_padded(tmp_path: Path) -> None:
+    from nemo_surgery.surgery.safetensors_file import encode_header
+
+    if _can_clone(tmp_path):
+        pytest.skip("tmp_path is on a filesystem with reflink: see test_reflink_clones_the_data_and_keeps_the_input")
+    _src, _ns, fp = _plan(tmp_path)
+    written = write_patched_copy(fp, tmp_path / "out.safetensors", "x" * 64)
+    assert written.cloned_from is None
+    assert written.head == encode_header(fp.header, written.metadata)
+
+
+REFLINK_DIR = os.environ.get("NEMO_SURGERY_REFLINK_DIR")
+
+
+@pytest.mark.skipif(not REFLINK_DIR, reason="set NEMO_SURGERY_REFLINK_DIR to a folder on btrfs or XFS with reflink")
+@pytest.mark.parametrize("metadata", [None, {"modelspec.hash_sha256": "0x00"}])
+def test_reflink_clones_the_data_and_keeps_the_input(tmp_path: Path, metadata) -> None:
+    """On a copy-on-write filesystem the data is cloned: rows written over the clone must not reach the input."""
+    import shutil
+    import tempfile
+
+    from nemo_surgery.surgery.copypass import clone_block
+
+    folder = Path(tempfile.mkdtemp(dir=REFLINK_DIR))
+    try:
+        assert _can_clone(folder), f"{REFLINK_DIR}: cannot clone here"
+        src, ns, fp = _plan(folder, metadata=metadata)
+        original = src.read_bytes()
+        out = folder / "out.safetensors"
+        written = write_patched_copy(fp, out, "x" * 64)
+        with open(out, "rb") as fh:
+            block = clone_block(fh.fileno())
+        assert written.cloned_from is not None and block is not None
+        assert (len(written.head) - fp.header.data_start) % block == 0
+        data = out.read_bytes()
+        assert data[: len(written.head)] == written.head
+        assert data[len(written.head) :] == _zeroed(original[fp.header.data_start :], fp.ranges)
+        assert src.read_bytes() == original, "the rows written over the clone changed the input"
+        checked = verify_struct.verify_written(fp, out, written)
+        assert checked.ok, checked.checks
+        assert checked.sha256_out == hashlib.sha256(data).hexdigest()
+        result = run_apply(src, ns)
+        assert result.ok and result.files[0].verification.sha256_out == sha256_file(result.output)
+        assert src.read_bytes() == original
+        if metadata is None:
+            assert any("cloned from the input's blocks" in c.detail for c in result.files[0].verification.checks)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from nemo_surgery import __version__
 from nemo_surgery.errors import NemoError
-from nemo_surgery.surgery.copypass import PassCheck, write_at, write_pieces
+from nemo_surgery.surgery.copypass import PassCheck, try_clone, write_at, write_pieces
 from nemo_surgery.surgery.plan import FilePlan
 from nemo_surgery.surgery.safetensors_file import encode_header
 from nemo_surgery.surgery.streaming import (
@@ -31,6 +31,7 @@ from nemo_surgery.surgery.streaming import (
     BufferRing,
     Hasher,
     advise_sequential,
+    inside_pieces,
     read_bytes,
     scan_file,
     stream_chunks,
@@ -111,17 +112,22 @@ class WrittenCopy:
     sha256_in: str
     sha256_out: str | None  # None when the header was rewritten after streaming (modelspec hash)
     data_sha256_out: str | None  # SHA-256 of the data buffer written, computed only for a modelspec hash
-    check: PassCheck | None = None  # each written data chunk read back and compared during the pass
+    check: PassCheck | None = None  # what the pass checked in the buffers it wrote
+    cloned_from: int | None = None  # data byte from which the data buffer was cloned from the input (reflink)
 
 
-def _stream_copy(src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head: bool) -> tuple[str, str, PassCheck]:
+def _stream_copy(
+    src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head: bool, cloned_from: int | None = None
+) -> tuple[str, str, PassCheck]:
     """Copy fp's data buffer behind head with zeroed ranges; return (SHA-256 in, SHA-256 out, check of the written bytes).
 
     The output digest covers head + data when ``hash_head``, else the data buffer
     only. Each input chunk is read once; the very buffer written (the chunk
     itself, or its copy with the ranges zeroed) is the one hashed into the output
     digest, so the digest is that of the bytes written. Chunks that hold zeroed
-    ranges are checked against the input (``PassCheck``).
+    ranges are checked against the input (``PassCheck``). With ``cloned_from``
+    the data from that byte on is already in the output (cloned): only the
+    zeroed pieces are written there, the rest is still read and hashed.
     """
     header, ranges = fp.header, fp.ranges
     base = len(head)
@@ -138,7 +144,11 @@ def _stream_copy(src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head:
             out = with_zeros(view, pos, ranges)
             busy.append(h_in.submit(view))
             busy.append(h_out.submit(out))
-            write_pieces(dst_fd, out, base + pos)
+            keep = len(out) if cloned_from is None else min(max(cloned_from - pos, 0), len(out))
+            write_pieces(dst_fd, memoryview(out)[:keep], base + pos)
+            for a, b in inside_pieces(pos, len(out), ranges) if keep < len(out) else []:
+                if b > keep:
+                    write_at(dst_fd, memoryview(out)[max(a, keep) : b], base + pos + max(a, keep))
             flusher.wrote(len(out))
             if pos == 0:
                 pause_at("copy-streaming")
@@ -152,14 +162,19 @@ def _stream_copy(src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head:
         h_out.close()
 
 
-def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: bool = True) -> WrittenCopy:
+def write_patched_copy(
+    fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: bool = True, clone: bool = True
+) -> WrittenCopy:
     """Write fp.src to dst (a fresh temp path) with new metadata and zeroed rows in one pass; fsync unless told not to.
 
     The input's and the output's SHA-256 are computed from the very chunks read,
     and every output chunk is read back and compared with the bytes hashed
     (``WrittenCopy.check``). With a ``modelspec.hash_sha256`` key the header is
     written with a placeholder and rewritten after the pass (same length), so the
-    output file's digest is left to verification. dst is removed on any failure;
+    output file's digest is left to verification. Where the filesystem can share
+    blocks (reflink) and ``clone`` holds, the data buffer is cloned from the input
+    and the header padded to keep the data's block alignment (``copypass.try_clone``);
+    only the header and the zeroed rows are then written. dst is removed on any failure;
     ENOSPC becomes one actionable NemoError. Callers that verify before renaming
     pass ``fsync=False`` and fsync while verifying.
     """
@@ -175,18 +190,21 @@ def write_patched_copy(fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: b
             advise_sequential(src_fd)
             dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                sha_in, sha_out, check = _stream_copy(src_fd, dst_fd, fp, head, hash_head=not has_spec)
-                final_meta, final_head, data_sha = meta, head, None
+                used, cloned_from = try_clone(src_fd, dst_fd, header, meta, head) if clone else (head, None)
+                sha_in, sha_out, check = _stream_copy(src_fd, dst_fd, fp, used, not has_spec, cloned_from)
+                final_meta, final_head, data_sha = meta, used, None
                 if has_spec:
                     data_sha, sha_out = sha_out, None
                     final_meta = provenance_metadata(header.metadata, fp, neuron_set_sha256, data_sha)
                     final_head = encode_header(header, final_meta)
-                    if len(final_head) != len(head):  # a runtime check: must hold under python -O too
+                    if len(final_head) < len(used):  # the clone's padding: same length, the spaces kept
+                        final_head = encode_header(header, final_meta, pad_to=len(used) - 8)
+                    if len(final_head) != len(used):  # a runtime check: must hold under python -O too
                         raise NemoError(f"{fp.src}: internal error: the modelspec hash changed the header length")
                     write_at(dst_fd, final_head, 0)
                 if fsync:
                     os.fsync(dst_fd)
-                done.append(WrittenCopy(final_meta, final_head, sha_in, sha_out, data_sha, check))
+                done.append(WrittenCopy(final_meta, final_head, sha_in, sha_out, data_sha, check, cloned_from))
             finally:
                 os.close(dst_fd)
         finally:

@@ -227,7 +227,11 @@ def verify_written(fp: FilePlan, out: Path, written: WrittenCopy, rel: str | Non
     zero = check.targets_zero and ranges_all_zero(out, len(written.head), fp.ranges)
     result.add("targeted rows all zero", zero, f"{fp.bytes_zeroed} bytes in {len(fp.ranges)} ranges, zero as "
                "written and read back")
-    if check.others_identical:
+    if check.others_identical and written.cloned_from is not None:
+        how = (f"data from byte {written.cloned_from} on cloned from the input's blocks (reflink, FICLONERANGE: shared "
+               "by the filesystem, never copied), the rest written from the buffers read; rows written over the clone "
+               "and read back; file size is header + data; sha256_out hashed from the input's bytes with the rows zeroed")
+    elif check.others_identical:
         how = ("every byte written outside the rows is the input's, from the same buffer it was read into (chunks "
                "holding rows compared with the input, memcmp); file size is header + data; sha256_out hashed from "
                "the buffers written")
