@@ -110,17 +110,20 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int
         fd, report = tempfile.mkstemp(prefix="nemo-bench-time-")
         os.close(fd)
         cmd = [gnu_time, "-v", "-o", report, *cmd]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    rss_kb = usage.ru_maxrss
-    if report is not None:
-        text = Path(report).read_text()
-        Path(report).unlink()
-        rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}")
+        rss_kb = usage.ru_maxrss
+        if report is not None:
+            text = Path(report).read_text()
+            rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    finally:
+        if report is not None:
+            Path(report).unlink(missing_ok=True)
     return elapsed, rss_kb // 1024, usage.ru_utime + usage.ru_stime
 
 
