@@ -12,6 +12,7 @@ from pathlib import Path
 from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import load_neuron_set
 from nemo_surgery.surgery.apply import ApplyResult, run_apply
+from nemo_surgery.verify.loadable import loadable
 from nemo_surgery.verify.options import VerifyOptions
 
 
@@ -52,12 +53,13 @@ def apply_and_verify(
     """
     neurons_path = Path(neurons)
     neuron_set = load_neuron_set(neurons_path)
-    if verify is not None:  # verify's inputs import torch (~200 MB, seconds): apply alone does without
-        from nemo_surgery.verify.inputs import check_config, loadable, precheck_inputs
-    wanted = verify is not None and loadable(ckpt)
+    wanted = verify is not None and loadable(ckpt)  # headers only: no torch for what cannot be sampled
     run_it = wanted and not (dry_run or in_place)
-    inputs = precheck_inputs(neurons_path, verify, neuron_set=neuron_set) if run_it else None
-    if run_it:
+    inputs = None
+    if run_it:  # verify's inputs import torch (~200 MB, seconds): apply alone does without
+        from nemo_surgery.verify.inputs import check_config, precheck_inputs
+
+        inputs = precheck_inputs(neurons_path, verify, neuron_set=neuron_set)
         check_config(verify.config, ckpt)
     original = None
     if run_it and Path(ckpt).is_file():  # a single file may lack its config: refuse before writing anything

@@ -152,6 +152,29 @@ def test_apply_without_verify_never_imports_torch(tmp_path: Path) -> None:
     assert run.stdout.strip() == "[]"
 
 
+def test_apply_of_an_unsamplable_file_never_imports_torch(tmp_path: Path) -> None:
+    """A UNet-only file cannot be verified: apply with verification on decides that from the header, without torch."""
+    import subprocess
+    import sys
+
+    from tests.checkpoint_fixtures import write_unet_file
+
+    src = write_unet_file(tmp_path / "unet.safetensors", "fp16")
+    ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
+    code = (
+        "import sys; from nemo_surgery.workflow import apply_and_verify;"
+        "from nemo_surgery.verify.options import VerifyOptions;"
+        f"done = apply_and_verify({str(src)!r}, {str(ns)!r}, verify=VerifyOptions());"
+        "assert done.applied.ok and done.verified is None;"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
 def test_aligned_json_length_keeps_the_data_offset_modulo_the_block() -> None:
     from nemo_surgery.surgery.copypass import aligned_json_length
 

@@ -12,6 +12,7 @@ from nemo_surgery.errors import InputError
 from nemo_surgery.neuron_set import NeuronSet, load_neuron_set
 from nemo_surgery.provenance import sha256_file
 from nemo_surgery.verify.harm import ImageCaption, read_image_captions
+from nemo_surgery.verify.loadable import loadable
 from nemo_surgery.verify.options import VerifyOptions
 
 REPORT_DIR_NAME = "nemo_report"
@@ -100,21 +101,6 @@ def default_report_dir(pruned: Path) -> Path:
     if pruned.is_file():
         return pruned.with_name(pruned.name + "." + REPORT_DIR_NAME)
     return pruned / REPORT_DIR_NAME
-
-
-def loadable_pipeline(path: str | Path) -> bool:
-    """True for a diffusers pipeline folder verification can load (model_index.json + parts)."""
-    path = Path(path)
-    return (path / "model_index.json").is_file() and all(
-        (path / part).is_dir() for part in ("unet", "text_encoder", "tokenizer", "vae")
-    )
-
-
-def loadable(path: str | Path) -> bool:
-    """True for what verification can sample: a pipeline folder, or a single .safetensors file of a whole pipeline."""
-    from nemo_surgery.engine.single_file import is_pipeline_file
-
-    return loadable_pipeline(path) or is_pipeline_file(path)
 
 
 def model_config(path: str | Path, config: Path | None) -> Path | None:
