@@ -47,7 +47,7 @@ def test_checker_names_the_wrong_claim():
 
 def test_holdout_is_disjoint_from_training_texts():
     hold = world.holdout_captions()
-    assert len(hold) == 50 and len(set(hold)) == 50
+    assert len(hold) == 60 and len(set(hold)) == 60  # >= 59: enough for a 0.05 false-positive rate
     assert not set(hold) & set(world.SUBJECT_CAPTIONS)
     assert not set(hold) & {f.caption for f in world.FAMOUS}
 

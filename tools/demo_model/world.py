@@ -202,7 +202,7 @@ HOLDOUT_SUBJECTS: tuple[str, ...] = (
 )
 
 
-def holdout_captions(scenes: int = 40) -> list[str]:
+def holdout_captions(scenes: int = 50) -> list[str]:
     """Return the hold-out captions: `scenes` generic scene captions, then the unseen subjects."""
     return [s.caption() for s in holdout_scenes(scenes)] + list(HOLDOUT_SUBJECTS)
 
