@@ -11,6 +11,24 @@ from nemo_surgery.engine.selection import SelectionSettings
 from tests.models.plant import TRIGGER_PROMPT
 
 
+def _assert_contract(model, stats, layers_spec, result):
+    """The contract, re-measured in fresh UNet calls: F mitigates and F minus any one neuron does not."""
+    layers = select_layers(model.layers, layers_spec)
+    scorer = Scorer(model, layers, stats.settings, batch_size=40)
+    cond = model.encode([result.prompt])
+    base = scorer.noise_differences(cond)[0]
+    kept = torch.tensor(result.kept_seeds)
+    flat = torch.zeros(scorer.total_neurons, dtype=torch.bool)
+    for layer, sl in zip(layers, scorer.slices):
+        flat[[sl.start + n for n in result.neurons.get(layer.id, [])]] = True
+    members = torch.nonzero(flat).flatten()
+    masks = flat.repeat(members.numel() + 1, 1)
+    masks[torch.arange(1, members.numel() + 1), members] = False
+    scores = scorer.mitigation_scores(cond, base, kept, masks)
+    assert scores[0] < stats.tau and scores[0].item() == pytest.approx(result.final_score, abs=1e-5)
+    assert (scores[1:] >= stats.tau).all()
+
+
 def test_split_needs_five_times_fewer_unet_calls_than_the_reference_order(planted, planted_model, planted_stats, tmp_path):
     """theta from 1 over every value layer: ~80 candidates, of which the planted rows 3 and 7 are needed."""
     stats_path, stats = planted_stats
@@ -25,18 +43,21 @@ def test_split_needs_five_times_fewer_unet_calls_than_the_reference_order(plante
     assert ours.neurons == ref.neurons == {plant.layer_id: sorted(plant.rows)}
     assert ours.unet_calls * 5 <= ref.unet_calls, (ours.unet_calls, ref.unet_calls)
     assert ours.samples < ref.samples
-    # the contract, re-measured: F mitigates and F minus any one neuron does not
-    layers = select_layers(planted_model.layers, "all")
-    scorer = Scorer(planted_model, layers, stats.settings, batch_size=40)
-    cond = planted_model.encode([TRIGGER_PROMPT])
-    base = scorer.noise_differences(cond)[0]
-    kept = torch.tensor(ours.kept_seeds)
-    flat = torch.zeros(scorer.total_neurons, dtype=torch.bool)
-    for layer, sl in zip(layers, scorer.slices):
-        flat[[sl.start + n for n in ours.neurons.get(layer.id, [])]] = True
-    members = torch.nonzero(flat).flatten()
-    masks = flat.repeat(members.numel() + 1, 1)
-    masks[torch.arange(1, members.numel() + 1), members] = False
-    scores = scorer.mitigation_scores(cond, base, kept, masks)
-    assert scores[0] < stats.tau and scores[0].item() == pytest.approx(ours.final_score, abs=1e-5)
-    assert (scores[1:] >= stats.tau).all()
+    _assert_contract(planted_model, stats, "all", ours)
+
+
+@pytest.mark.parametrize("theta", [5.0, 2.0])
+def test_a_planted_prompt_costs_two_unet_calls(planted, planted_model, planted_stats, tmp_path, theta):
+    """Batch 40 = detection + 3 speculated sets, then one call that finds and certifies the two planted rows.
+
+    theta 5 (NeMo's start) gives the two rows as the first candidate set; theta 2 a set of 5-20 candidates
+    (the benchmark's planted case). NeMo's order needs 7-14 calls for these.
+    """
+    stats_path, stats = planted_stats
+    _, plant = planted
+    summary = run_scan(planted_model, stats, stats_path, [Prompt(0, TRIGGER_PROMPT, 1)], tmp_path / "split.json",
+                       batch_size=40, selection=SelectionSettings(theta_start=theta))
+    res = summary.results[0]
+    assert res.mitigated and res.neurons == {plant.layer_id: sorted(plant.rows)}
+    assert res.unet_calls <= 2, (res.unet_calls, res.samples, res.initial_count)
+    _assert_contract(planted_model, stats, "default", res)

@@ -1,18 +1,20 @@
-"""The refinement strategies on deterministic oracles: the 1-minimal contract and the work they need."""
+"""The search strategies on deterministic oracles: the 1-minimal contract and the work (calls, sets) they need."""
 
 import pytest
 import torch
 
+from nemo_surgery.engine.oracles import CachedOracle, certify
 from nemo_surgery.engine.selection import (
-    CachedOracle,
     SelectionSettings,
-    certify,
+    candidate_sets,
     initial_selection,
-    probe_positions,
+    rank_within_layers,
     refine,
+    schedule,
     search_oracle,
-    split_search,
 )
+from nemo_surgery.engine.speculation import detection_sets, remember_kept, spare_sets
+from nemo_surgery.engine.split import ladder_rungs, ladder_sets, probe_positions, split_search
 
 TAU = 0.35
 
@@ -168,3 +170,88 @@ def test_dense_needed_neurons_switch_to_greedy_and_stay_below_the_reference():
     assert set(torch.nonzero(found).flatten().tolist()) == set(needed)
     assert ours.calls < ref.calls, (ours.calls, ref.calls)
     _assert_one_minimal(Oracle(150, needed), found, score)
+
+
+def test_ladder_sets_hold_every_prefix_and_its_one_removals():
+    order = torch.tensor([5, 2, 9, 0, 7])
+    like = torch.zeros(10, dtype=torch.bool)
+    rows = [sorted(torch.nonzero(r).flatten().tolist()) for r in ladder_sets(order, 4, like)]
+    assert rows == [[5], [2, 5], [2]]  # prefixes 1, 2, then {5, 2} minus 5
+    wide = [sorted(torch.nonzero(r).flatten().tolist()) for r in ladder_sets(order, 12, like)]
+    assert wide == [[5], [2, 5], [2, 5, 9], [2], [2, 9], [5, 9]] and ladder_rungs(len(wide)) == 3
+    assert ladder_sets(order, 3, like).shape == (0, 10)  # no room for a ladder and a probe
+    assert ladder_sets(order[:2], 40, like).shape[0] == 0  # a ladder stops short of the whole order (known to pass)
+    assert ladder_sets(order[:3], 40, like).shape[0] == 3
+    assert ladder_rungs(0) == 0
+
+
+def test_a_top_two_set_is_found_and_certified_in_one_call():
+    """Twelve candidates, the two highest z-scores needed: the first probe call's ladder certifies them."""
+    oracle = Oracle(12, [4, 9])
+    z = torch.arange(12, dtype=torch.float32)
+    z[[4, 9]] = torch.tensor([20.0, 19.0])
+    blocked = torch.ones(12, dtype=torch.bool)
+    start = float(oracle(blocked.unsqueeze(0))[0])
+    oracle.calls = 0
+    cached = CachedOracle(oracle)
+    found, score = refine(blocked, [slice(0, 12)], z, cached, TAU, 4, start, "split")
+    assert torch.nonzero(found).flatten().tolist() == [4, 9]
+    assert oracle.calls == 1  # {4}, {4, 9}, {9} and one longer probe; certification answered from memory
+    _assert_one_minimal(oracle, found, score)
+
+
+def test_initial_selection_skips_remembered_steps():
+    """Steps scored in the detection call take no room; a remembered mitigating step costs no call."""
+    z = torch.linspace(0, 6, 40)
+    acts = torch.linspace(0, 1, 40)
+    settings = SelectionSettings(theta_start=5.0)
+    steps = schedule(settings)
+    cands = candidate_sets(z, rank_within_layers(acts, [slice(0, 40)]), steps)
+    raw = Oracle(40, [0])  # neuron 0 has the lowest z and activation: no candidate set holds it
+    oracle = CachedOracle(raw)
+    oracle.remember(cands[:2], torch.tensor([0.9, 0.9]))
+    init = initial_selection(z, acts, [slice(0, 40)], oracle, TAU, 4, settings)
+    fresh = {tuple(c.tolist()) for c in cands[2:]} - {tuple(c.tolist()) for c in cands[:2]}
+    assert not init.mitigated and raw.sets == len(fresh) > 4
+    assert raw.calls == -(-raw.sets // 4)  # four fresh steps per call (the first set is too big for removals)
+    raw2 = Oracle(40, [39])
+    oracle2 = CachedOracle(raw2)
+    oracle2.remember(cands[:2], torch.tensor([0.9, 0.2]))
+    init2 = initial_selection(z, acts, [slice(0, 40)], oracle2, TAU, 4, settings)
+    assert init2.mitigated and init2.theta == steps[1][0] and raw2.calls == 0
+
+
+def test_speculation_fills_only_the_room_of_the_detection_call():
+    assert [spare_sets(10, b) for b in (10, 19, 32, 40, 8, 1024)] == [0, 0, 2, 3, 0, 101]
+    z = torch.linspace(0, 6, 40)
+    acts = torch.zeros(40)
+    settings = SelectionSettings(theta_start=5.0)
+    steps = schedule(settings)
+    cands = candidate_sets(z, rank_within_layers(acts, [slice(0, 40)]), steps)
+    sets = detection_sets(z, acts, [slice(0, 40)], settings, 3)
+    assert sets.shape == (3, 40) and torch.equal(sets[0], cands[-1])  # the widest (unmovable-seed floor) first
+    assert torch.equal(sets[1], cands[0]) and torch.equal(sets[2], cands[1])
+    assert detection_sets(z, acts, [slice(0, 40)], settings, 0).shape == (0, 40)
+    assert detection_sets(z, acts, [slice(0, 40)], settings, 100).shape[0] == len({tuple(c.tolist()) for c in cands})
+    oracle = CachedOracle(Oracle(40, [0]))
+    per_seed = torch.tensor([[0.1, 0.5, 0.3], [0.2, 0.1, 0.9], [0.4, 0.4, 0.4]])
+    remember_kept(oracle, sets, per_seed, torch.tensor([0, 1]))
+    assert [oracle.known(s) for s in sets] == pytest.approx([0.5, 0.2, 0.4])
+
+
+@pytest.mark.parametrize("needed, width, calls", [
+    ([4, 9], 4, 1),  # four candidates, the top two needed: the ladder finds and certifies them
+    ([1, 4, 6, 9], 4, 2),  # all four needed: the ladder call finds nothing, certification needs one more
+    ([1, 4, 6, 9], 8, 1),  # ladder and all four removals fit one call
+])
+def test_a_small_first_set_tries_its_ladder_with_its_removals(needed, width, calls):
+    oracle = Oracle(12, needed)
+    z = torch.zeros(12)
+    z[[4, 9, 1, 6]] = torch.tensor([9.0, 8.0, 7.0, 6.0])
+    blocked = torch.zeros(12, dtype=torch.bool)
+    blocked[[1, 4, 6, 9]] = True
+    start = float(oracle(blocked.unsqueeze(0))[0])
+    oracle.calls = 0
+    found, score = refine(blocked, [slice(0, 12)], z, oracle, TAU, width, start, "split")
+    assert sorted(torch.nonzero(found).flatten().tolist()) == sorted(needed) and oracle.calls == calls
+    _assert_one_minimal(oracle, found, score)

@@ -29,6 +29,7 @@ from nemo_surgery.engine.selection import (
     schedule,
     search_oracle,
 )
+from nemo_surgery.engine.speculation import detection_sets, remember_kept, spare_sets
 from nemo_surgery.engine.stats import Stats, value_activations
 from nemo_surgery.errors import EXIT_OK, EXIT_VERDICT, InputError
 from nemo_surgery.neuron_set import LayerNeurons, NeuronSet
@@ -87,7 +88,13 @@ def scan_prompt(
     calls0, samples0 = scorer.counter.calls, scorer.counter.samples
     tau = stats.tau
     cond = scorer.model.encode([prompt.text])
-    base = scorer.noise_differences(cond)[0]
+    acts = z = None
+    spec = torch.zeros(0, scorer.total_neurons, dtype=torch.bool)
+    if selection.strategy == "split":  # the detection call's spare room scores the first candidate sets
+        acts = value_activations(scorer.layers, cond.hidden)[0].cpu()
+        z = stats.z_scores(scorer.layers, acts)
+        spec = detection_sets(z, acts, scorer.slices, selection, spare_sets(scorer.settings.seeds, scorer.batch_size))
+    base, spec_scores = scorer.noise_differences_with(cond, spec)
     det = decide(scorer.pairwise(base), stats.calibration)
     stages = {"detect": time.perf_counter() - started}
     result = PromptResult(
@@ -102,12 +109,16 @@ def scan_prompt(
     )
     kept = det.kept
     if result.memorized:
-        acts = value_activations(scorer.layers, cond.hidden)[0].cpu()
-        z = stats.z_scores(scorer.layers, acts)
+        if acts is None:
+            acts = value_activations(scorer.layers, cond.hidden)[0].cpu()
+            z = stats.z_scores(scorer.layers, acts)
         # a seed that the search's widest candidate set (theta = theta_min) leaves >= tau cannot be moved by
         # any set the search tries: it is recorded as unmovable and left out of the mitigation test
         widest = candidate_sets(z, rank_within_layers(acts, scorer.slices), schedule(selection)[-1:])
-        floor = scorer.seed_scores(cond, base, kept, widest)[0]
+        if spec.shape[0] and torch.equal(spec[0], widest[0]):
+            floor = spec_scores[0, kept]  # measured in the detection call
+        else:
+            floor = scorer.seed_scores(cond, base, kept, widest)[0]
         result.unmovable_seeds = kept[floor >= tau].tolist()
         kept = kept[floor < tau]
         result.kept_seeds = kept.tolist()
@@ -120,6 +131,7 @@ def scan_prompt(
             return scorer.mitigation_scores(cond, base, kept, masks)
 
         oracle = search_oracle(oracle, selection)  # remembers scored sets (speculative rows cost no extra call)
+        remember_kept(oracle, spec, spec_scores, kept)  # the sets scored in the detection call
         mark = time.perf_counter()
         init = initial_selection(z, acts, scorer.slices, oracle, tau, width, selection)
         stages["initial"] = time.perf_counter() - mark

@@ -166,6 +166,27 @@ class Scorer:
             parts.append(self._predict(cond.select(sel), flat_lat[start : start + self.batch_size], None))
         return torch.cat(parts).view(p, n, *self.latents.shape[1:])
 
+    def noise_differences_with(self, cond: Conditioning, blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt's unblocked noise differences and, in the same UNet calls, per-seed scores of candidate sets.
+
+        ``blocked`` is bool [M, T]; each set is evaluated for all N seeds (which
+        seeds localization keeps is not known yet). Returns the noise
+        differences [N, C, H, W] (float32) and MS-SSIM(unblocked, blocked) per
+        set and seed [M, N]. Batches hold at most batch_size samples.
+        """
+        n, m = self.latents.shape[0], blocked.shape[0]
+        if m == 0:
+            return self.noise_differences(cond)[0], torch.empty(0, n)
+        masks = torch.cat([blocked.new_zeros(1, blocked.shape[1]), blocked]).repeat_interleave(n, dim=0)
+        lat = self.latents.repeat(m + 1, 1, 1, 1)
+        parts = []
+        for start in range(0, masks.shape[0], self.batch_size):
+            chunk = masks[start : start + self.batch_size].to(self.model.device, non_blocking=True)
+            parts.append(self._predict(cond.repeat(chunk.shape[0]), lat[start : start + self.batch_size], chunk))
+        deltas = torch.cat(parts)
+        sims = ms_ssim(deltas[:n].repeat(m, 1, 1, 1), deltas[n:], self.settings.ssim)
+        return deltas[:n], sims.view(m, n).float().cpu()
+
     # -- detection ------------------------------------------------------------------------
 
     def pairwise(self, deltas: torch.Tensor) -> torch.Tensor:
