@@ -5,7 +5,10 @@ strategy (NeMo's order: one candidate set per UNet call, one layer pass and one
 neuron pass) and with ``split`` (the default: adaptive splitting of the
 z-ordered candidates, several sets per call, a certification call), and prints
 per memorized prompt: UNet calls, UNet samples, wall seconds, samples per
-second, neurons found, and the ratios.
+second, neurons found, and the ratios. Every UNet call of a prompt counts,
+detection included. ``split`` also scores candidate sets in the spare room of
+the detection call, so a prompt that is NOT memorized costs it more samples
+(never more calls): the column "other smp" prints samples per such prompt.
 
 * ``planted``: tests/models/plant.py (rows 3 and 7 of mid_block carry the trigger), theta from 2
   (--planted-theta) so that the initial candidate set is larger than the two planted rows;
@@ -116,6 +119,8 @@ def _row(case: Case, strategy: str, summary: ScanSummary, wall: float) -> dict:
         "candidates": mean("initial_count"), "calls": mean("unet_calls"), "samples": mean("samples"),
         "seconds": mean("seconds"), "set": mean("count"), "sets": [r.count for r in memorized],
         "samples_per_s": summary.samples / wall if wall else float("nan"),
+        "other_samples": statistics.mean(others) if (others := [r.samples for r in summary.results
+                                                                  if not r.memorized]) else float("nan"),
         "not_mitigated": len(summary.not_mitigated), "neurons": [r.neurons for r in summary.results],
     }
 
@@ -123,12 +128,12 @@ def _row(case: Case, strategy: str, summary: ScanSummary, wall: float) -> dict:
 def _print(rows: list[dict], args) -> None:
     print(f"\nbench_scan  (CPU, {args.threads} threads, batch size {args.batch_size}; per memorized and mitigated prompt)")
     head = ("case", "strategy", "prompts", "candidates", "UNet calls", "samples", "seconds", "samples/s", "set size",
-            "sizes")
+            "other smp", "sizes")
     print("  " + "  ".join(f"{h:>11}" for h in head))
     for r in rows:
         cells = (r["case"], r["strategy"], str(r["memorized"]), f"{r['candidates']:.1f}", f"{r['calls']:.1f}",
                  f"{r['samples']:.1f}", f"{r['seconds']:.2f}", f"{r['samples_per_s']:.1f}", f"{r['set']:.2f}",
-                 ",".join(map(str, r["sets"])))
+                 f"{r['other_samples']:.1f}", ",".join(map(str, r["sets"])))
         print("  " + "  ".join(f"{c:>11}" for c in cells))
     print("  ratios, reference / split (higher = split needs less):")
     for name in dict.fromkeys(r["case"] for r in rows):

@@ -61,3 +61,17 @@ def test_a_planted_prompt_costs_two_unet_calls(planted, planted_model, planted_s
     assert res.mitigated and res.neurons == {plant.layer_id: sorted(plant.rows)}
     assert res.unet_calls <= 2, (res.unet_calls, res.samples, res.initial_count)
     _assert_contract(planted_model, stats, "default", res)
+
+
+def test_sets_scored_in_the_detection_call_equal_a_separate_call(planted_model, planted_stats):
+    """Speculation is exact: the same noise differences and per-seed scores, and no extra UNet call."""
+    _, stats = planted_stats
+    layers = select_layers(planted_model.layers, "default")
+    scorer = Scorer(planted_model, layers, stats.settings, batch_size=40)
+    cond = planted_model.encode([TRIGGER_PROMPT])
+    sets = torch.rand(3, scorer.total_neurons, generator=torch.Generator().manual_seed(0)) < 0.1
+    base, per_seed = scorer.noise_differences_with(cond, sets)
+    assert scorer.counter.calls == 1 and scorer.counter.samples == 40
+    alone = scorer.noise_differences(cond)[0]
+    torch.testing.assert_close(base, alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(per_seed, scorer.seed_scores(cond, alone, torch.arange(10), sets), atol=1e-6, rtol=0)
