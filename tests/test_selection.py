@@ -13,7 +13,7 @@ from nemo_surgery.engine.selection import (
     schedule,
     search_oracle,
 )
-from nemo_surgery.engine.speculation import detection_sets, remember_kept, spare_sets
+from nemo_surgery.engine.speculation import detection_sets, remember_kept, spare_sets, speculation_room
 from nemo_surgery.engine.split import ladder_rungs, ladder_sets, probe_positions, split_search
 
 TAU = 0.35
@@ -223,6 +223,7 @@ def test_initial_selection_skips_remembered_steps():
 
 def test_speculation_fills_only_the_room_of_the_detection_call():
     assert [spare_sets(10, b) for b in (10, 19, 32, 40, 8, 1024)] == [0, 0, 2, 3, 0, 101]
+    assert [speculation_room(10, b) for b in (19, 32, 40, 1024)] == [0, 2, 3, 3]  # capped: a cost for others
     z = torch.linspace(0, 6, 40)
     acts = torch.zeros(40)
     settings = SelectionSettings(theta_start=5.0)

@@ -29,7 +29,7 @@ from nemo_surgery.engine.selection import (
     schedule,
     search_oracle,
 )
-from nemo_surgery.engine.speculation import detection_sets, remember_kept, spare_sets
+from nemo_surgery.engine.speculation import detection_sets, remember_kept, speculation_room
 from nemo_surgery.engine.stats import Stats, value_activations
 from nemo_surgery.errors import EXIT_OK, EXIT_VERDICT, InputError
 from nemo_surgery.neuron_set import LayerNeurons, NeuronSet
@@ -93,7 +93,7 @@ def scan_prompt(
     if selection.strategy == "split":  # the detection call's spare room scores the first candidate sets
         acts = value_activations(scorer.layers, cond.hidden)[0].cpu()
         z = stats.z_scores(scorer.layers, acts)
-        spec = detection_sets(z, acts, scorer.slices, selection, spare_sets(scorer.settings.seeds, scorer.batch_size))
+        spec = detection_sets(z, acts, scorer.slices, selection, speculation_room(scorer.settings.seeds, scorer.batch_size))
     base, spec_scores = scorer.noise_differences_with(cond, spec)
     det = decide(scorer.pairwise(base), stats.calibration)
     stages = {"detect": time.perf_counter() - started}

@@ -27,6 +27,17 @@ def spare_sets(seeds: int, batch_size: int) -> int:
     return (calls * batch_size - seeds) // seeds
 
 
+#: At most this many sets ride along: each costs a prompt that is NOT memorized N more samples. The widest set is
+#: needed by every memorized prompt; the first schedule steps are where a search from theta 5 starts. A GPU batch
+#: would hold a hundred, but once a call is compute-bound its time follows its samples.
+MAX_SPECULATED = 3
+
+
+def speculation_room(seeds: int, batch_size: int) -> int:
+    """Sets to score in the detection call: the spare room (:func:`spare_sets`), at most :data:`MAX_SPECULATED`."""
+    return min(MAX_SPECULATED, spare_sets(seeds, batch_size))
+
+
 def detection_sets(
     z: torch.Tensor, acts: torch.Tensor, slices: Sequence[slice], settings: SelectionSettings, room: int
 ) -> torch.Tensor:
