@@ -306,11 +306,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", default=None, help="pipeline folder to continue from (a snapshot of an earlier run)")
     p.add_argument("--offset-noise", type=float, default=Config.offset_noise)
     p.add_argument("--snr-gamma", type=float, default=Config.snr_gamma)
+    p.add_argument("--drive", type=float, default=Config.drive, help="weight of the drive loss (0: off)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = Config(steps=a.steps, save_every=a.save_every, seed=a.seed, batch_size=a.batch_size,
-                 log_every=min(25, a.steps), init=a.init, offset_noise=a.offset_noise, snr_gamma=a.snr_gamma)
+                 log_every=min(25, a.steps), init=a.init, offset_noise=a.offset_noise, snr_gamma=a.snr_gamma,
+                 drive=a.drive)
     a.out.mkdir(parents=True, exist_ok=True)
     summary = train(cfg, a.out)
     print(f"saved {a.out} in {summary['seconds']} s")
