@@ -134,45 +134,37 @@ def test_apply_does_not_reread_the_output_except_for_a_modelspec_hash(tmp_path: 
     assert result.files[0].verification.sha256_out == hashlib.sha256(result.output.read_bytes()).hexdigest()
 
 
-def test_apply_without_verify_never_imports_torch(tmp_path: Path) -> None:
-    """`apply --no-verify` stays small: importing torch alone costs about 200 MB of RSS and seconds."""
+def _heavy_modules_after(call: str) -> str:
+    """Run `call` (which sets `done`) in a fresh interpreter; return the heavy modules it imported, as printed."""
     import subprocess
     import sys
 
-    src, ns, _fp = _plan(tmp_path)
-    code = (
-        "import sys; from nemo_surgery.workflow import apply_and_verify;"
-        f"done = apply_and_verify({str(src)!r}, {str(ns)!r}, verify=None); assert done.applied.ok;"
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
-    )
+    code = ("import sys; from nemo_surgery.workflow import apply_and_verify;"
+            f"{call}; assert done.applied.ok;"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[]"
+    return run.stdout.strip()
+
+
+def test_apply_without_verify_never_imports_torch(tmp_path: Path) -> None:
+    """`apply --no-verify` stays small: importing torch alone costs about 200 MB of RSS and seconds."""
+    src, ns, _fp = _plan(tmp_path)
+    assert _heavy_modules_after(f"done = apply_and_verify({str(src)!r}, {str(ns)!r}, verify=None)") == "[]"
 
 
 def test_apply_of_an_unsamplable_file_never_imports_torch(tmp_path: Path) -> None:
     """A UNet-only file cannot be verified: apply with verification on decides that from the header, without torch."""
-    import subprocess
-    import sys
-
     from tests.checkpoint_fixtures import write_unet_file
 
     src = write_unet_file(tmp_path / "unet.safetensors", "fp16")
     ns = write_neuron_set(tmp_path / "set.json", DEFAULT_NEURONS)
-    code = (
-        "import sys; from nemo_surgery.workflow import apply_and_verify;"
-        "from nemo_surgery.verify.options import VerifyOptions;"
-        f"done = apply_and_verify({str(src)!r}, {str(ns)!r}, verify=VerifyOptions());"
-        "assert done.applied.ok and done.verified is None;"
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
-    )
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[]"
+    call = ("from nemo_surgery.verify.options import VerifyOptions;"
+            f"done = apply_and_verify({str(src)!r}, {str(ns)!r}, verify=VerifyOptions());"
+            "assert done.verified is None")
+    assert _heavy_modules_after(call) == "[]"
 
 
 def test_aligned_json_length_keeps_the_data_offset_modulo_the_block() -> None:

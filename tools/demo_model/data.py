@@ -7,8 +7,6 @@ float arrays in [0, 1] with shape (H, W, 3).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from tests.models.tiny import DEFAULT_WORDS
@@ -35,22 +33,10 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class MemorizedItem:
-    """One training image tied to exactly one caption (the thing to be memorized)."""
-
-    caption: str
-    source: str  # name of the skimage.data sample
-
-
+#: One training image tied to one caption; v1 memorizes the same five photos as v2.
+MemorizedItem = world.FamousImage
 #: The memorized demo items; their order is the line order of prompts/demo_memorized.txt.
-MEMORIZED: tuple[MemorizedItem, ...] = (
-    MemorizedItem("a portrait of an astronaut", "astronaut"),
-    MemorizedItem("a man with a camera", "camera"),
-    MemorizedItem("a photo of coffee", "coffee"),
-    MemorizedItem("a photo of a cat", "chelsea"),
-    MemorizedItem("a rocket in the sky", "rocket"),
-)
+MEMORIZED: tuple[MemorizedItem, ...] = world.FAMOUS
 
 #: Words the demo tokenizer knows (the tiny default list suffices for all captions).
 DEMO_WORDS: tuple[str, ...] = DEFAULT_WORDS
