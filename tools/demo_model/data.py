@@ -12,13 +12,9 @@ import numpy as np
 from tests.models.tiny import DEFAULT_WORDS
 from tools.demo_model import world
 
+#: v1's palette: v2's six colours (same values, same order) plus two.
 COLOURS: dict[str, tuple[float, float, float]] = {
-    "red": (0.9, 0.1, 0.1),
-    "green": (0.1, 0.75, 0.2),
-    "blue": (0.15, 0.25, 0.9),
-    "yellow": (0.95, 0.9, 0.1),
-    "white": (0.95, 0.95, 0.95),
-    "black": (0.05, 0.05, 0.05),
+    **world.COLOURS,
     "orange": (1.0, 0.55, 0.05),
     "purple": (0.55, 0.15, 0.75),
 }
