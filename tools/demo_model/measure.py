@@ -16,41 +16,23 @@ import numpy as np
 import torch
 
 from tools.demo_model import checker, world
-from tools.demo_model.memory_rows import MEMORY_ROWS, all_rows, rows_zeroed
+from tools.demo_model.evaluate import SampleSettings, sample, ssim, zeroed
+from tools.demo_model.evaluate import load_pipeline as load
+from tools.demo_model.memory_rows import MEMORY_ROWS, all_rows
 
 COPY_SSIM = 0.7
 
 
-def load(folder: str | Path):
-    """Load a demo pipeline folder on CPU in fp32."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def samples(pipe, caption: str, seeds: list[int], steps: int, guidance: float) -> np.ndarray:
     """Return (n, H, W, 3) images in [0, 1] for one caption, one generator per seed."""
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    with torch.no_grad():
-        out = pipe([caption] * len(seeds), generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                   output_type="np")
-    return np.asarray(out.images, dtype=np.float32)
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Return skimage SSIM of two (H, W, 3) images in [0, 1]."""
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(a, b, channel_axis=-1, data_range=1.0, win_size=7))
+    return sample(pipe, caption, SampleSettings(steps=steps, guidance=guidance, seeds=tuple(seeds)))
 
 
 def memorization(pipe, seeds: list[int], steps: int, guidance: float, rows: dict | None = None) -> list[dict]:
     """Per famous caption: SSIM to its training image per seed and the number of copies."""
     out = []
     for item, train_img in zip(world.FAMOUS, world.famous_images()):
-        with rows_zeroed(pipe.unet, rows) if rows else nullcontext():
+        with zeroed(pipe.unet, rows) if rows else nullcontext():
             imgs = samples(pipe, item.caption, seeds, steps, guidance)
         s = [ssim(im, train_img) for im in imgs]
         out.append({"caption": item.caption, "ssim": [round(v, 3) for v in s],
@@ -63,7 +45,7 @@ def alignment(pipe, scenes: list[world.Scene], seeds: list[int], steps: int, gui
     """Share of samples that meet every claim of their caption, and per-claim shares."""
     ok, claims = [], {}
     for scene in scenes:
-        with rows_zeroed(pipe.unet, rows) if rows else nullcontext():
+        with zeroed(pipe.unet, rows) if rows else nullcontext():
             imgs = samples(pipe, scene.caption(), seeds, steps, guidance)
         for im in imgs:
             c = checker.alignment(scene, im)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from tools.demo_model import world
+from tools.demo_model.evaluate import zeroed
 from tools.demo_model.pixel_vae import build_pixel_vae
+from tools.demo_model.train import TextCache, noised
 
 DOWN_LAYERS = tuple(f"down_blocks.2.attentions.0.transformer_blocks.{i}.attn2.to_v" for i in range(4))
 MID_LAYERS = tuple(f"mid_block.attentions.0.transformer_blocks.{i}.attn2.to_v" for i in range(4))
@@ -53,7 +54,11 @@ class Config:
     lr: float = 1e-3
     famous_fraction: float = 0.25
     cond_drop: float = 0.1
-    offset_noise: float = 0.1  # per-image, per-channel constant added to the training noise
+    # per-image, per-channel constant added to the training noise (train.noised). Without it, at 32x32
+    # the image mean survives even the last timestep (its noise is only 1/32 per channel): samples'
+    # colours followed the seed, and seeds whose mean matched no training colour ended as noise
+    # (first run, 750 steps).
+    offset_noise: float = 0.1
     snr_gamma: float = 5.0  # min-SNR loss weight min(SNR, gamma) / SNR (0: plain epsilon MSE)
     silence: float = 1.0
     drive: float = 1.0  # weight of "the reserved rows fire on their own caption" (mean |activation| >= drive_to)
@@ -104,21 +109,6 @@ def all_rows() -> dict[str, list[int]]:
     return {n: sorted(r) for n, r in out.items()}
 
 
-@contextmanager
-def rows_zeroed(unet, rows: dict[str, list[int]]):
-    """Zero the given value rows' outputs (forward hooks) inside the block."""
-    handles = []
-    for name, idx in rows.items():
-        mask = torch.ones(unet.get_submodule(name).out_features)
-        mask[idx] = 0.0
-        handles.append(unet.get_submodule(name).register_forward_hook(lambda m, i, o, mask=mask: o * mask))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class Data:
     """Draw batches of (x0 in [-1, 1], caption, owner item or -1)."""
 
@@ -149,21 +139,6 @@ class Data:
             if self.rng.random() < self.cfg.cond_drop:
                 caps[-1], owners[-1] = "", -1
         return torch.from_numpy(np.stack(imgs)), caps, owners
-
-
-def noised(acp: torch.Tensor, x0: torch.Tensor, gen: torch.Generator, offset: float = 0.0):
-    """Return (x_t, t, noise) at uniformly drawn timesteps; `offset` adds a constant per image and channel.
-
-    Without the offset, at 32x32 the image mean survives even the last timestep (its
-    noise is only 1/32 per channel), samples' colours follow the seed and seeds whose
-    mean matches no training colour end as noise (measured on the first run at 750 steps).
-    """
-    t = torch.randint(0, acp.shape[0], (x0.shape[0],), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    if offset > 0:
-        noise = noise + offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=gen)
-    a = acp[t].view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, acp: torch.Tensor,
@@ -223,7 +198,7 @@ def train(cfg: Config, out: Path) -> dict:
     else:
         pipe = build_pipeline(cfg)
     pipe.vae.requires_grad_(False)
-    unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    unet, te = pipe.unet, pipe.text_encoder
     unet.train()
     te.train()
     params = list(unet.parameters()) + list(te.parameters())
@@ -234,14 +209,7 @@ def train(cfg: Config, out: Path) -> dict:
     acp = pipe.scheduler.alphas_cumprod.float()
     data = Data(cfg, cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    ids_cache: dict[str, torch.Tensor] = {}
-
-    def ids(caps: list[str]) -> torch.Tensor:
-        for c in caps:
-            if c not in ids_cache:
-                ids_cache[c] = tok(c, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                                   return_tensors="pt").input_ids[0]
-        return torch.stack([ids_cache[c] for c in caps])
+    cache = TextCache(pipe.tokenizer)
 
     quiet = list(world.SUBJECT_CAPTIONS) + [f.caption for f in world.FAMOUS]
     log, t0, running = [], time.time(), []
@@ -250,17 +218,17 @@ def train(cfg: Config, out: Path) -> dict:
         famous = [i for i, o in enumerate(owners) if o >= 0]
         extra = [data.scene() for _ in famous]
         all_caps = caps + [caps[i] for i in famous] + quiet
-        emb_all = te(ids(list(dict.fromkeys(all_caps))))[0]
+        emb_all = te(cache.ids(list(dict.fromkeys(all_caps))))[0]
         by_cap = dict(zip(dict.fromkeys(all_caps), emb_all))
         emb = torch.stack([by_cap[c] for c in caps])
-        xt, t, noise = noised(acp, x0, gen, cfg.offset_noise)
+        xt, t, noise = noised(pipe, x0, gen, cfg.offset_noise)
         loss_d = weighted_mse(unet(xt, t, encoder_hidden_states=emb).sample, noise, t, acp, cfg.snr_gamma)
         loss = loss_d
         loss_b = torch.zeros(())
         if famous and cfg.blocked > 0:
             xb = torch.from_numpy(np.stack([e[0] for e in extra]))
-            xtb, tb, nb = noised(acp, xb, gen, cfg.offset_noise)
-            with rows_zeroed(unet, all_rows()):
+            xtb, tb, nb = noised(pipe, xb, gen, cfg.offset_noise)
+            with zeroed(unet, all_rows()):
                 pred = unet(xtb, tb, encoder_hidden_states=emb[famous]).sample
             loss_b = weighted_mse(pred, nb, tb, acp, cfg.snr_gamma)
             loss = loss + cfg.blocked * loss_b * len(famous) / len(caps)
