@@ -5,11 +5,11 @@ weights random. Text encoders have the real width and depth (CLIP ViT-L, OpenCLI
 ViT-H, OpenCLIP ViT-bigG) with the tests' small vocabulary, since only the shape of
 the conditioning matters here. For each model, one subprocess loads nothing from
 disk, runs NeMo's detection (first-step noise differences, pairwise MS-SSIM) for
-one prompt with 2 seeds, and reports parameters, peak resident memory
-(``ru_maxrss`` of that process) and seconds per UNet call.
+one prompt with 2 seeds (``--seeds``, all in one UNet batch), and reports parameters, peak
+resident memory (``ru_maxrss`` of that process), seconds per UNet call and samples per second.
 
     python benchmarks/bench_real_sizes.py                 # all three, fp32, CPU
-    python benchmarks/bench_real_sizes.py --models sd15 --device cuda --dtype fp16
+    python benchmarks/bench_real_sizes.py --models sd15 --device cuda --dtype fp16 --seeds 10
 
 SDXL's UNet has 2.6 B parameters (10 GB in fp32): run it once, not in tests.
 """
@@ -79,8 +79,18 @@ def _text_encoder(spec: tuple[int, int, int, int, str, int], vocab: int, with_pr
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
 
 
-def build_pipeline(name: str, dtype):
-    """A real-size pipeline without VAE (scanning does not decode): random weights, published shapes."""
+def build_pipeline(name: str, dtype, device=None):
+    """A real-size pipeline without VAE (scanning does not decode): random weights, published shapes.
+
+    With a `device`, the weights are drawn there (a GPU draws SDXL's 2.6 B in a second, a CPU in a minute).
+    """
+    import torch
+
+    with torch.device(device or "cpu"):
+        return _build_pipeline(name, dtype)
+
+
+def _build_pipeline(name: str, dtype):
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -114,7 +124,7 @@ def run_one(name: str, device: str, dtype_name: str, seeds: int, calls: int) -> 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dev, dtype = resolve_device(device), resolve_dtype(dtype_name)
     t0 = time.perf_counter()
-    pipe = build_pipeline(name, dtype).to(dev)
+    pipe = build_pipeline(name, dtype, dev).to(dev)
     pipe.set_progress_bar_config(disable=True)
     model = LoadedModel(pipe=pipe, source=f"random {name}", device=dev, dtype=dtype)
     build_s = time.perf_counter() - t0
@@ -144,7 +154,8 @@ def run_one(name: str, device: str, dtype_name: str, seeds: int, calls: int) -> 
         "prediction_type": model.prediction_type,
         "seeds": seeds,
         "build_s": round(build_s, 1),
-        "s_per_unet_call": [round(s, 2) for s in seconds],
+        "s_per_unet_call": [round(s, 4) for s in seconds],
+        "samples_per_s": round(seeds / min(seconds), 1),
         "mean_pairwise": round(det.mean_pairwise, 4),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
