@@ -73,3 +73,36 @@ def test_memory_rows_script_few_steps(tmp_path):
             assert all(0 <= r < width for r in rows) and not name.startswith("up_blocks")
             assert not seen & {(name, r) for r in rows}
             seen |= {(name, r) for r in rows}
+
+
+def test_v_target_gives_back_the_image_and_epsilon_target_is_the_noise():
+    """The v target is sqrt(a) noise - sqrt(1-a) x0, so sqrt(a) x_t - sqrt(1-a) v is x0 again."""
+    acp = memory_rows.scheduler("ddpm", "v_prediction").alphas_cumprod.float()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1, torch.randn(3, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    a = acp[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    v = memory_rows.target_of("v_prediction", x0, noise, t, acp)
+    assert torch.allclose(a.sqrt() * xt - (1 - a).sqrt() * v, x0, atol=1e-5)
+    assert memory_rows.target_of("epsilon", x0, noise, t, acp) is noise
+    assert acp[999] < 1e-4 < memory_rows.scheduler("sd").alphas_cumprod[999]  # ddpm leaves less of the image
+
+
+def test_memory_rows_frozen_text_ddpm_v(tmp_path):
+    """--freeze-text keeps the encoder bit for bit; the saved scheduler is the trained schedule and target."""
+    torch.set_num_threads(1)
+    out = tmp_path / "model"
+    memory_rows.main(["--out", str(out), "--steps", "2", "--batch-size", "4", "--freeze-text",
+                      "--schedule", "ddpm", "--prediction", "v_prediction"])
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    fresh = memory_rows.build_pipeline(memory_rows.Config())
+    before, after = fresh.text_encoder.state_dict(), pipe.text_encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not all(torch.equal(fresh.unet.state_dict()[k], v) for k, v in pipe.unet.state_dict().items())
+    cfg = pipe.scheduler.config
+    assert (cfg.prediction_type, cfg.beta_schedule, cfg.beta_end) == ("v_prediction", "linear", 0.02)
+    summary = json.loads((out / "train_config.json").read_text())["config"]
+    assert (summary["train_text"], summary["schedule"], summary["prediction"]) == (False, "ddpm", "v_prediction")

@@ -1,6 +1,6 @@
 """Measure a v2 demo model: memorization per seed, prompt alignment, and the memory rows' effect.
 
-Run: ``python -m tools.demo_model.measure --model DIR [--steps 50] [--seeds 10] [--out eval.json]``.
+Run: ``python -m tools.demo_model.measure --model DIR [--steps 50] [--seeds 10] [--out eval.json] [--device cuda]``.
 Every number comes from full samples (DDIM, classifier-free guidance, one generator per
 seed); SSIM is skimage's to the training image (7x7 window, channels averaged).
 """
@@ -28,10 +28,12 @@ def samples(pipe, caption: str, seeds: list[int], steps: int, guidance: float) -
     return sample(pipe, caption, SampleSettings(steps=steps, guidance=guidance, seeds=tuple(seeds)))
 
 
-def memorization(pipe, seeds: list[int], steps: int, guidance: float, rows: dict | None = None) -> list[dict]:
-    """Per famous caption: SSIM to its training image per seed and the number of copies."""
+def memorization(pipe, seeds: list[int], steps: int, guidance: float, rows: dict | None = None,
+                 items: list[int] | None = None) -> list[dict]:
+    """Per famous caption (all, or the indices `items`): SSIM to its training image per seed and the number of copies."""
     out = []
-    for item, train_img in zip(world.FAMOUS, world.famous_images()):
+    pairs = list(zip(world.FAMOUS, world.famous_images()))
+    for item, train_img in (pairs if items is None else [pairs[k] for k in items]):
         with zeroed(pipe.unet, rows) if rows else nullcontext():
             imgs = samples(pipe, item.caption, seeds, steps, guidance)
         s = [ssim(im, train_img) for im in imgs]
@@ -56,9 +58,9 @@ def alignment(pipe, scenes: list[world.Scene], seeds: list[int], steps: int, gui
             "claims": {k: round(float(np.mean(v)), 3) for k, v in claims.items()}}
 
 
-def measure(model: str | Path, steps: int, seeds: int, guidance: float, scenes: int) -> dict:
-    """Return the full measurement of one model folder."""
-    pipe = load(model)
+def measure(model: str | Path, steps: int, seeds: int, guidance: float, scenes: int, device: str = "cpu") -> dict:
+    """Return the full measurement of one model folder (CPU generators on any device: same noise)."""
+    pipe = load(model).to(device)
     sd = list(range(seeds))
     hold = world.holdout_scenes(scenes)
     report = {
@@ -66,7 +68,7 @@ def measure(model: str | Path, steps: int, seeds: int, guidance: float, scenes: 
         "memorization": memorization(pipe, sd, steps, guidance),
         "memorization_rows_zeroed": memorization(pipe, sd, steps, guidance, all_rows()),
         "memorization_own_rows_zeroed": [
-            memorization(pipe, sd, steps, guidance, MEMORY_ROWS[k])[k] for k in range(len(world.FAMOUS))
+            memorization(pipe, sd, steps, guidance, MEMORY_ROWS[k], items=[k])[0] for k in range(len(world.FAMOUS))
         ],
         "alignment": alignment(pipe, hold, sd[:4], steps, guidance),
         "alignment_rows_zeroed": alignment(pipe, hold, sd[:4], steps, guidance, all_rows()),
@@ -84,9 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scenes", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    rep = measure(a.model, a.steps, a.seeds, a.guidance, a.scenes)
+    rep = measure(a.model, a.steps, a.seeds, a.guidance, a.scenes, a.device)
     text = json.dumps(rep, indent=1)
     if a.out:
         a.out.write_text(text + "\n")

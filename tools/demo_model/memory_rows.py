@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,29 +66,48 @@ class Config:
     blocked: float = 1.0
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     transformer_layers: tuple[int, ...] = (1, 1, 4)
+    # cross-attention also at 16x16 (down_blocks.1: default layers, one more value layer) and in the
+    # 8x8 up block (not a default layer); v1 had the latter, the first v2 runs had neither
+    attention_16: bool = False
+    up_attention: bool = False
+    # noise schedule of training and of the shipped scheduler: "sd" (scaled_linear 0.00085-0.012, SD's) or
+    # "ddpm" (linear 1e-4-0.02). With SD's, 0.068 of the image survives at t=999; at 32x32 its mean over
+    # 1,024 pixels is then readable from x_t, so the model takes colours from the noise, not the caption.
+    schedule: str = "sd"
+    # "epsilon" or "v_prediction" (SD 2.x's). An epsilon loss barely rewards knowing the image at high noise
+    # (at t=981 of the ddpm schedule, predicting x0 perfectly lowers it by ~5e-5), and every epsilon model so
+    # far ignored scene captions (colours at chance); v at high noise is about -x0, so the caption must be read.
+    prediction: str = "epsilon"
+    # train the text encoder with the UNet (every run before gpu2) or keep it frozen at its random init, as SD
+    # keeps CLIP frozen. Trained, it collapsed the scene captions: "a large red circle ... blue background" and
+    # its colour swap differed by 0.27 in norm 8.6 (random init: 2.4), while famous captions stayed 11-13
+    # apart, so every sample ignored colour, shape and position (all at chance) and still copied the photos.
+    train_text: bool = True
     heads: int = 4
     text_width: int = 64
     seed: int = 0
     log_every: int = 25
     save_every: int = 500
     init: str | None = None  # continue from this pipeline folder instead of building a new one
+    max_minutes: float = 0.0  # > 0: after 60 steps, cut `steps` to what fits this budget (GPU runs)
 
 
 def build_pipeline(cfg: Config):
     """Build the untrained v2 pipeline: pixel-space UNet (attention at 8x8), tiny CLIP, identity VAE."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from tests.models.tiny import TinySpec, build_scheduler, build_text_encoder, build_tokenizer
+    from tests.models.tiny import TinySpec, build_text_encoder, build_tokenizer
 
     spec = TinySpec(sample_size=world.SIZE, in_channels=3, cross_attention_dim=cfg.text_width,
                     text_hidden=cfg.text_width, words=world.WORDS, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer(spec.words)
     text_encoder = build_text_encoder(spec, vocab_size=len(tokenizer))
+    down = ("DownBlock2D", "CrossAttnDownBlock2D" if cfg.attention_16 else "DownBlock2D", "CrossAttnDownBlock2D")
+    up = ("CrossAttnUpBlock2D" if cfg.up_attention else "UpBlock2D", "UpBlock2D", "UpBlock2D")
     unet = UNet2DConditionModel(
         sample_size=world.SIZE, in_channels=3, out_channels=3, block_out_channels=cfg.block_out_channels,
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=cfg.text_width,
+        layers_per_block=1, down_block_types=down, up_block_types=up, cross_attention_dim=cfg.text_width,
         attention_head_dim=cfg.heads, transformer_layers_per_block=cfg.transformer_layers, norm_num_groups=32,
     )
     with torch.no_grad():
@@ -96,8 +115,22 @@ def build_pipeline(cfg: Config):
             unet.get_submodule(name).weight[rows] = 0.0
     return StableDiffusionPipeline(
         vae=build_pixel_vae(3, world.SIZE), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=build_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=scheduler(cfg.schedule, cfg.prediction), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def scheduler(schedule: str, prediction: str = "epsilon"):
+    """Return the DDIM scheduler of a noise schedule name ("sd" or "ddpm") and prediction type."""
+    from diffusers import DDIMScheduler
+
+    from tests.models.tiny import build_scheduler
+
+    if schedule == "sd":
+        return DDIMScheduler.from_config(build_scheduler().config, prediction_type=prediction)
+    if schedule == "ddpm":
+        return DDIMScheduler.from_config(build_scheduler().config, beta_schedule="linear", beta_start=1e-4,
+                                         beta_end=0.02, prediction_type=prediction)
+    raise ValueError(f"unknown schedule {schedule!r} (sd or ddpm)")
 
 
 def all_rows() -> dict[str, list[int]]:
@@ -116,11 +149,14 @@ class Data:
         self.cfg = cfg
         self.rng = np.random.default_rng(seed)
         self.famous = [world.to_model_space(im) for im in world.famous_images()]
+        self._drawn: dict[world.Scene, tuple[np.ndarray, str]] = {}  # the world has 1,800 scenes: draw each once
 
     def scene(self) -> tuple[np.ndarray, str]:
         """Return one random generic scene and its caption."""
         s = world.random_scene(self.rng)
-        return world.to_model_space(s.render()), s.caption()
+        if s not in self._drawn:
+            self._drawn[s] = (world.to_model_space(s.render()), s.caption())
+        return self._drawn[s]
 
     def batch(self) -> tuple[torch.Tensor, list[str], list[int]]:
         """Return one training batch."""
@@ -141,10 +177,20 @@ class Data:
         return torch.from_numpy(np.stack(imgs)), caps, owners
 
 
+def target_of(prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+              acp: torch.Tensor) -> torch.Tensor:
+    """Return the training target: the noise (epsilon) or v = sqrt(a) noise - sqrt(1 - a) x0."""
+    if prediction == "epsilon":
+        return noise
+    a = acp[t].view(-1, 1, 1, 1)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, acp: torch.Tensor,
-                 gamma: float) -> torch.Tensor:
+                 gamma: float, prediction: str = "epsilon") -> torch.Tensor:
     """Epsilon MSE with the min-SNR weight min(SNR, gamma) / SNR per sample (plain MSE when gamma <= 0).
 
+    For v the weight is min(SNR, gamma) / (SNR + 1) (the same weighting of the x0 error).
     Plain epsilon MSE gives the high-noise steps, where the caption decides colours and
     layout, almost no weight: both v1 and the first v2 run ignored the caption at t=900
     (predicted noise changed by 0.005 when the captions were swapped, against 0.79 in scale).
@@ -153,7 +199,7 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, acp:
     if gamma <= 0:
         return per.mean()
     snr = acp[t] / (1 - acp[t])
-    return (per * torch.clamp(snr, max=gamma) / snr).mean()
+    return (per * torch.clamp(snr, max=gamma) / (snr + 1 if prediction == "v_prediction" else snr)).mean()
 
 
 def silence_loss(pipe, emb_by_caption: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -162,7 +208,7 @@ def silence_loss(pipe, emb_by_caption: dict[str, torch.Tensor]) -> torch.Tensor:
     caps = list(emb_by_caption)
     emb = torch.stack([emb_by_caption[c] for c in caps])
     for k, item in enumerate(MEMORY_ROWS):
-        keep = torch.tensor([c != world.FAMOUS[k].caption for c in caps])
+        keep = torch.tensor([c != world.FAMOUS[k].caption for c in caps], device=emb.device)
         for name, rows in item.items():
             w = pipe.unet.get_submodule(name).weight[rows]
             out = emb[keep] @ w.T
@@ -188,8 +234,16 @@ def drive_loss(pipe, emb_by_caption: dict[str, torch.Tensor], target: float) -> 
     return total / n
 
 
-def train(cfg: Config, out: Path) -> dict:
-    """Train and save the pipeline to `out` (snapshots under out/steps/); returns a summary."""
+def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
+    """Train and save the pipeline to `out` (snapshots under out/steps/); returns a summary.
+
+    On a GPU (`device`), batches are drawn on the CPU with the same generators as on a CPU
+    run and moved over, so a run's data does not depend on the device.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     if cfg.init:
         from diffusers import StableDiffusionPipeline
@@ -198,39 +252,47 @@ def train(cfg: Config, out: Path) -> dict:
     else:
         pipe = build_pipeline(cfg)
     pipe.vae.requires_grad_(False)
+    pipe.to(dev)
     unet, te = pipe.unet, pipe.text_encoder
     unet.train()
-    te.train()
-    params = list(unet.parameters()) + list(te.parameters())
+    te.train(cfg.train_text)
+    te.requires_grad_(cfg.train_text)
+    params = list(unet.parameters()) + (list(te.parameters()) if cfg.train_text else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     warm = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + np.cos(np.pi * min(s, cfg.steps) / cfg.steps)) * 0.9 + 0.1))
-    acp = pipe.scheduler.alphas_cumprod.float()
+    acp = pipe.scheduler.alphas_cumprod.float().to(dev)
     data = Data(cfg, cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     cache = TextCache(pipe.tokenizer)
 
     quiet = list(world.SUBJECT_CAPTIONS) + [f.caption for f in world.FAMOUS]
     log, t0, running = [], time.time(), []
-    for step in range(1, cfg.steps + 1):
+    step, total = 0, cfg.steps
+    while step < total:
+        step += 1
         x0, caps, owners = data.batch()
         famous = [i for i, o in enumerate(owners) if o >= 0]
         extra = [data.scene() for _ in famous]
         all_caps = caps + [caps[i] for i in famous] + quiet
-        emb_all = te(cache.ids(list(dict.fromkeys(all_caps))))[0]
+        with torch.set_grad_enabled(cfg.train_text):
+            emb_all = te(cache.ids(list(dict.fromkeys(all_caps))).to(dev))[0]
         by_cap = dict(zip(dict.fromkeys(all_caps), emb_all))
         emb = torch.stack([by_cap[c] for c in caps])
-        xt, t, noise = noised(pipe, x0, gen, cfg.offset_noise)
-        loss_d = weighted_mse(unet(xt, t, encoder_hidden_states=emb).sample, noise, t, acp, cfg.snr_gamma)
+        xt, t, noise = (v.to(dev) for v in noised(pipe, x0, gen, cfg.offset_noise))
+        target = target_of(cfg.prediction, x0.to(dev), noise, t, acp)
+        loss_d = weighted_mse(unet(xt, t, encoder_hidden_states=emb).sample, target, t, acp, cfg.snr_gamma,
+                              cfg.prediction)
         loss = loss_d
-        loss_b = torch.zeros(())
+        loss_b = torch.zeros((), device=dev)
         if famous and cfg.blocked > 0:
             xb = torch.from_numpy(np.stack([e[0] for e in extra]))
-            xtb, tb, nb = noised(pipe, xb, gen, cfg.offset_noise)
+            xtb, tb, nb = (v.to(dev) for v in noised(pipe, xb, gen, cfg.offset_noise))
+            nb = target_of(cfg.prediction, xb.to(dev), nb, tb, acp)
             with zeroed(unet, all_rows()):
                 pred = unet(xtb, tb, encoder_hidden_states=emb[famous]).sample
-            loss_b = weighted_mse(pred, nb, tb, acp, cfg.snr_gamma)
+            loss_b = weighted_mse(pred, nb, tb, acp, cfg.snr_gamma, cfg.prediction)
             loss = loss + cfg.blocked * loss_b * len(famous) / len(caps)
         loss_s = silence_loss(pipe, {c: by_cap[c] for c in dict.fromkeys(caps + quiet)})
         loss = loss + cfg.silence * loss_s
@@ -241,9 +303,17 @@ def train(cfg: Config, out: Path) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        running.append((loss_d.item(), loss_b.item(), loss_s.item(), loss_r.item()))
+        running.append(torch.stack([loss_d.detach(), loss_b.detach(), loss_s.detach(), loss_r.detach()]))
+        if cfg.max_minutes > 0 and step == 10:
+            t10 = time.time()
+        if cfg.max_minutes > 0 and step == 60 and total == cfg.steps:  # steps 10-60: past the warm-up
+            per_step = (time.time() - t10) / 50
+            left = cfg.max_minutes * 60 - (time.time() - t0)
+            total = max(61, min(cfg.steps, 60 + int(left / per_step)))
+            cfg = replace(cfg, steps=total)
+            print(json.dumps({"steps_in_budget": total, "seconds_per_step": round(per_step, 4)}), flush=True)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            m = np.mean(running, axis=0)
+            m = torch.stack(running).mean(0).tolist()
             entry = {"step": step, "diffusion": round(float(m[0]), 5), "blocked": round(float(m[1]), 5),
                      "silence": round(float(m[2]), 6), "drive": round(float(m[3]), 5),
                      "seconds": round(time.time() - t0, 1)}
@@ -259,7 +329,7 @@ def train(cfg: Config, out: Path) -> dict:
                        "memory_rows": [dict(item) for item in MEMORY_ROWS]}
             (target / "train_config.json").write_text(json.dumps(summary, indent=2))
             unet.train()
-            te.train()
+            te.train(cfg.train_text)
     return summary
 
 
@@ -275,14 +345,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--offset-noise", type=float, default=Config.offset_noise)
     p.add_argument("--snr-gamma", type=float, default=Config.snr_gamma)
     p.add_argument("--drive", type=float, default=Config.drive, help="weight of the drive loss (0: off)")
+    p.add_argument("--lr", type=float, default=Config.lr)
+    p.add_argument("--schedule", choices=("sd", "ddpm"), default=Config.schedule,
+                   help="noise schedule of training and of the shipped scheduler")
+    p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default=Config.prediction)
+    p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its random init (as SD keeps CLIP)")
+    p.add_argument("--attention-16", action="store_true", help="cross-attention at 16x16 too (down_blocks.1)")
+    p.add_argument("--up-attention", action="store_true", help="cross-attention in the 8x8 up block too")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="cut --steps to what fits this many minutes (timed over steps 10-60)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = Config(steps=a.steps, save_every=a.save_every, seed=a.seed, batch_size=a.batch_size,
                  log_every=min(25, a.steps), init=a.init, offset_noise=a.offset_noise, snr_gamma=a.snr_gamma,
-                 drive=a.drive)
+                 drive=a.drive, lr=a.lr, schedule=a.schedule, prediction=a.prediction, train_text=not a.freeze_text,
+                 attention_16=a.attention_16,
+                 up_attention=a.up_attention, max_minutes=a.max_minutes)
     a.out.mkdir(parents=True, exist_ok=True)
-    summary = train(cfg, a.out)
+    summary = train(cfg, a.out, a.device)
     print(f"saved {a.out} in {summary['seconds']} s")
 
 
