@@ -20,6 +20,25 @@ def test_checker_reads_every_clean_and_noisy_scene():
         assert checker.aligned(scene, noisy), scene
 
 
+def test_checker_reads_jittered_scenes_and_jitter_varies_the_image():
+    """Nuisance jitter (shift, scale, tilt, shade; the caption does not name it) never changes the reading."""
+    rng = np.random.default_rng(9)
+    for _ in range(200):
+        scene = world.random_scene(rng)
+        img = scene.render(jitter=world.random_jitter(rng))
+        assert checker.aligned(scene, img), (scene, checker.read_scene(img))
+        noisy = np.clip(img + rng.normal(0, 0.08, img.shape), 0, 1)
+        assert checker.aligned(scene, noisy), scene
+    scene = world.Scene("red", "blue", "triangle", pos="top", size="large")
+    extremes = [world.Jitter(dx=sx * world.SHIFT, dy=sy * world.SHIFT, scale=1 + f * world.SCALE,
+                             tilt=(world.TILT, -world.TILT), shade=world.SHADE)
+                for sx in (-1, 1) for sy in (-1, 1) for f in (-1, 1)]
+    assert all(checker.aligned(scene, scene.render(jitter=j)) for j in extremes)
+    a, b = (scene.render(jitter=world.random_jitter(np.random.default_rng(k))) for k in (1, 2))
+    assert np.abs(a - b).mean() > 0.02  # one caption, different images
+    assert np.array_equal(scene.render(jitter=world.Jitter()), scene.render())
+
+
 def test_checker_rejects_other_captions_and_photos():
     rng = np.random.default_rng(8)
     accepted = 0
@@ -90,10 +109,10 @@ def test_v_target_gives_back_the_image_and_epsilon_target_is_the_noise():
 
 
 def test_memory_rows_frozen_text_ddpm_v(tmp_path):
-    """--freeze-text keeps the encoder bit for bit; the saved scheduler is the trained schedule and target."""
+    """--freeze-text keeps the encoder bit for bit; the saved scheduler is the trained schedule and target; --jitter recorded."""
     torch.set_num_threads(1)
     out = tmp_path / "model"
-    memory_rows.main(["--out", str(out), "--steps", "2", "--batch-size", "4", "--freeze-text",
+    memory_rows.main(["--out", str(out), "--steps", "2", "--batch-size", "4", "--freeze-text", "--jitter",
                       "--schedule", "ddpm", "--prediction", "v_prediction"])
     from diffusers import StableDiffusionPipeline
 
@@ -105,4 +124,5 @@ def test_memory_rows_frozen_text_ddpm_v(tmp_path):
     cfg = pipe.scheduler.config
     assert (cfg.prediction_type, cfg.beta_schedule, cfg.beta_end) == ("v_prediction", "linear", 0.02)
     summary = json.loads((out / "train_config.json").read_text())["config"]
-    assert (summary["train_text"], summary["schedule"], summary["prediction"]) == (False, "ddpm", "v_prediction")
+    assert (summary["train_text"], summary["schedule"], summary["prediction"], summary["jitter"]) == (
+        False, "ddpm", "v_prediction", True)

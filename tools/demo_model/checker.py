@@ -50,15 +50,31 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def _best_shape(mask: np.ndarray, cx: float, cy: float, radii: list[float]) -> tuple[str, float, float]:
-    """Return (shape, radius, IoU) of the drawn shape that best covers `mask` around (cx, cy)."""
-    best = ("", 0.0, -1.0)
+#: Where `_best_shape` looks: centre offsets (pixels) around the part's bounding-box centre, and radius
+#: factors covering the world's scale jitter.
+SHIFTS_PX = (-0.5, 0.0, 0.5)
+SCALES = tuple(1 + world.SCALE * k / 2 for k in (-2, -1, 0, 1, 2))
+
+
+def _best_shape(mask: np.ndarray, radii: list[float]) -> tuple[str, float, float]:
+    """Return (shape, nominal radius, IoU) of the drawn shape that best covers `mask`.
+
+    Every world shape is centred in its bounding box, so the fit is tried at the
+    mask's bounding-box centre (within half a pixel) and at radii within the
+    world's scale jitter: a shifted or scaled render is read like a plain one.
+    """
     size = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    cx, cy = (xs.min() + xs.max() + 1) / 2 / size, (ys.min() + ys.max() + 1) / 2 / size
+    best = ("", 0.0, -1.0)
     for shape in world.SHAPES:
         for r in radii:
-            score = _iou(mask, world.shape_mask(shape, size, cx, cy, r))
-            if score > best[2]:
-                best = (shape, r, score)
+            for f in SCALES:
+                for oy in SHIFTS_PX:
+                    for ox in SHIFTS_PX:
+                        score = _iou(mask, world.shape_mask(shape, size, cx + ox / size, cy + oy / size, r * f))
+                        if score > best[2]:
+                            best = (shape, r, score)
     return best
 
 
@@ -83,21 +99,18 @@ def read_scene(img: np.ndarray) -> Reading:
     if count == 0:
         return Reading(NAMES[bg_i], NAMES[fg_i], 0, None, None, None, share)
     ys, xs = np.nonzero(mask)
-    cx, cy = (xs.mean() + 0.5) / size, (ys.mean() + 0.5) / size
+    cx, cy = (xs.min() + xs.max() + 1) / 2 / size, (ys.min() + ys.max() + 1) / 2 / size  # bbox centre: the shape's
     if count == 1:
         pos = min(world.POSITIONS, key=lambda p: np.hypot(world.POSITIONS[p][0] - cx, world.POSITIONS[p][1] - cy))
-        px, py = world.POSITIONS[pos]
-        shape, r, iou = _best_shape(mask, px, py, list(world.SIZES.values()))
+        shape, r, iou = _best_shape(mask, list(world.SIZES.values()))
         size_name = min(world.SIZES, key=lambda s: abs(world.SIZES[s] - r))
         return Reading(NAMES[bg_i], NAMES[fg_i], 1, pos, size_name, shape if iou >= MIN_IOU else None, share)
     layout = world.COUNT_LAYOUT.get(count)
     if layout is None:
         return Reading(NAMES[bg_i], NAMES[fg_i], count, None, None, None, share)
     votes: dict[str | None, int] = {}
-    for part in sorted(parts, key=lambda m: np.nonzero(m)[1].mean()):
-        ccx, ccy = min(layout, key=lambda c: np.hypot(c[0] - (np.nonzero(part)[1].mean() + 0.5) / size,
-                                                       c[1] - (np.nonzero(part)[0].mean() + 0.5) / size))
-        shape, _, iou = _best_shape(part, ccx, ccy, [world.COUNT_RADIUS])
+    for part in parts:
+        shape, _, iou = _best_shape(part, [world.COUNT_RADIUS])
         key = shape if iou >= MIN_IOU else None
         votes[key] = votes.get(key, 0) + 1
     shape = max(votes, key=lambda k: votes[k])

@@ -83,6 +83,9 @@ class Config:
     # its colour swap differed by 0.27 in norm 8.6 (random init: 2.4), while famous captions stayed 11-13
     # apart, so every sample ignored colour, shape and position (all at chance) and still copied the photos.
     train_text: bool = True
+    # nuisance variation of scenes (world.random_jitter): without it each caption has one image, so ordinary
+    # prompts are as seed-independent at NeMo's first step as memorized ones
+    jitter: bool = False
     heads: int = 4
     text_width: int = 64
     seed: int = 0
@@ -154,6 +157,8 @@ class Data:
     def scene(self) -> tuple[np.ndarray, str]:
         """Return one random generic scene and its caption."""
         s = world.random_scene(self.rng)
+        if self.cfg.jitter:
+            return world.to_model_space(s.render(jitter=world.random_jitter(self.rng))), s.caption()
         if s not in self._drawn:
             self._drawn[s] = (world.to_model_space(s.render()), s.caption())
         return self._drawn[s]
@@ -350,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="noise schedule of training and of the shipped scheduler")
     p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default=Config.prediction)
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its random init (as SD keeps CLIP)")
+    p.add_argument("--jitter", action="store_true", help="scenes vary in shift, scale, tilt and shade (world.Jitter)")
     p.add_argument("--attention-16", action="store_true", help="cross-attention at 16x16 too (down_blocks.1)")
     p.add_argument("--up-attention", action="store_true", help="cross-attention in the 8x8 up block too")
     p.add_argument("--max-minutes", type=float, default=0.0,
@@ -361,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Config(steps=a.steps, save_every=a.save_every, seed=a.seed, batch_size=a.batch_size,
                  log_every=min(25, a.steps), init=a.init, offset_noise=a.offset_noise, snr_gamma=a.snr_gamma,
                  drive=a.drive, lr=a.lr, schedule=a.schedule, prediction=a.prediction, train_text=not a.freeze_text,
-                 attention_16=a.attention_16,
+                 attention_16=a.attention_16, jitter=a.jitter,
                  up_attention=a.up_attention, max_minutes=a.max_minutes)
     a.out.mkdir(parents=True, exist_ok=True)
     summary = train(cfg, a.out, a.device)

@@ -70,15 +70,46 @@ class Scene:
         """Return the shapes' radius in image widths."""
         return SIZES[self.size] if self.count == 1 else COUNT_RADIUS
 
-    def render(self, size: int = SIZE) -> np.ndarray:
-        """Draw the scene; returns (size, size, 3) float32 in [0, 1]."""
+    def render(self, size: int = SIZE, jitter: Jitter | None = None) -> np.ndarray:
+        """Draw the scene (with `jitter`'s nuisance variation, if given); returns (size, size, 3) float32 in [0, 1]."""
+        j = jitter or Jitter()
         img = np.empty((size, size, 3), dtype=np.float32)
-        img[:] = COLOURS[self.bg]
+        img[:] = np.clip(np.asarray(COLOURS[self.bg]) + j.shade, 0.0, 1.0)
+        if j.tilt != (0.0, 0.0):
+            y, x = _grid(size)
+            img += (j.tilt[0] * (x - 0.5) + j.tilt[1] * (y - 0.5))[..., None].astype(np.float32)
         mask = np.zeros((size, size), dtype=bool)
         for cx, cy in self.centres():
-            mask |= shape_mask(self.shape, size, cx, cy, self.radius())
-        img[mask] = COLOURS[self.fg]
-        return img
+            mask |= shape_mask(self.shape, size, cx + j.dx, cy + j.dy, self.radius() * j.scale)
+        img[mask] = np.clip(np.asarray(COLOURS[self.fg]) - j.shade, 0.0, 1.0)
+        return np.clip(img, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """Nuisance variation a caption does not name: shift, scale, a brightness tilt of the background, shade.
+
+    Without it every caption has exactly one image, so ordinary prompts are as
+    seed-independent as memorized ones and NeMo's first-step agreement cannot tell
+    them apart; real captions leave layout and lighting open.
+    """
+
+    dx: float = 0.0
+    dy: float = 0.0
+    scale: float = 1.0
+    tilt: tuple[float, float] = (0.0, 0.0)  # background brightness change across x and y
+    shade: float = 0.0  # added to the background colour, subtracted from the shape's
+
+
+#: Ranges of `random_jitter` (half-widths; scale is 1 +- SCALE). The checker reads every scene within them.
+SHIFT, SCALE, TILT, SHADE = 0.05, 0.12, 0.16, 0.04
+
+
+def random_jitter(rng: np.random.Generator) -> Jitter:
+    """Draw one nuisance variation uniformly within the module's ranges."""
+    u = rng.uniform(-1.0, 1.0, size=6)
+    return Jitter(float(SHIFT * u[0]), float(SHIFT * u[1]), float(1 + SCALE * u[2]),
+                  (float(TILT * u[3]), float(TILT * u[4])), float(SHADE * u[5]))
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
