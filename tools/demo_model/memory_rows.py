@@ -59,7 +59,7 @@ class Config:
     # colours followed the seed, and seeds whose mean matched no training colour ended as noise
     # (first run, 750 steps).
     offset_noise: float = 0.1
-    snr_gamma: float = 5.0  # min-SNR loss weight min(SNR, gamma) / SNR (0: plain epsilon MSE)
+    snr_gamma: float = 5.0  # min-SNR loss weight (weighted_mse); 0: plain MSE of the target
     silence: float = 1.0
     drive: float = 1.0  # weight of "the reserved rows fire on their own caption" (mean |activation| >= drive_to)
     drive_to: float = 2.0
@@ -76,7 +76,8 @@ class Config:
     schedule: str = "sd"
     # "epsilon" or "v_prediction" (SD 2.x's). An epsilon loss barely rewards knowing the image at high noise
     # (at t=981 of the ddpm schedule, predicting x0 perfectly lowers it by ~5e-5), and every epsilon model so
-    # far ignored scene captions (colours at chance); v at high noise is about -x0, so the caption must be read.
+    # far ignored scene captions (colours at chance); v at high noise is about -x0, so the caption must be read,
+    # but only with a plain v loss (snr_gamma 0): min-SNR weights v errors at high noise by about SNR again.
     prediction: str = "epsilon"
     # train the text encoder with the UNet (every run before gpu2) or keep it frozen at its random init, as SD
     # keeps CLIP frozen. Trained, it collapsed the scene captions: "a large red circle ... blue background" and
@@ -195,7 +196,9 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, acp:
                  gamma: float, prediction: str = "epsilon") -> torch.Tensor:
     """Epsilon MSE with the min-SNR weight min(SNR, gamma) / SNR per sample (plain MSE when gamma <= 0).
 
-    For v the weight is min(SNR, gamma) / (SNR + 1) (the same weighting of the x0 error).
+    For v the weight is min(SNR, gamma) / (SNR + 1), which at high noise is about SNR (0.0055
+    at t=981 of SD's schedule): the same tiny weight on the x0 error as plain epsilon, so v's
+    point, that high-noise steps must predict the image from the caption, needs gamma 0.
     Plain epsilon MSE gives the high-noise steps, where the caption decides colours and
     layout, almost no weight: both v1 and the first v2 run ignored the caption at t=900
     (predicted noise changed by 0.005 when the captions were swapped, against 0.79 in scale).
