@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from tools.demo_model import data, train
+from tools.demo_model.evaluate import load_pipeline
 from tools.demo_model.pixel_vae import build_pixel_vae
 
 
@@ -16,9 +17,7 @@ def test_train_script_few_steps(tmp_path):
     out = tmp_path / "model"
     train.main(["--out", str(out), "--steps", "2", "--base-steps", "2", "--batch-size", "4",
                 "--recipe", "finetune-localized", "--rows-per-item", "1"])
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    pipe = load_pipeline(out)
     assert pipe.unet.config.in_channels == 3
     assert pipe.vae.config.scaling_factor == 1.0
     summary = json.loads((out / "train_config.json").read_text())
@@ -26,8 +25,7 @@ def test_train_script_few_steps(tmp_path):
     assert sum(len(r) for r in rows.values()) == len(data.MEMORIZED)
     assert all(not n.startswith("up_blocks") for n in rows)
     # rows outside the trained set are bit-identical to the base model
-    base = StableDiffusionPipeline.from_pretrained(str(out / "base"), safety_checker=None,
-                                                   requires_safety_checker=False)
+    base = load_pipeline(out / "base")
     for name, mod in train.value_layers(pipe.unet).items():
         keep = torch.ones(mod.out_features, dtype=torch.bool)
         keep[rows.get(name, [])] = False

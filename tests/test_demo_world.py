@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from tools.demo_model import checker, memory_rows, world
+from tools.demo_model.evaluate import load_pipeline
 
 
 def test_checker_reads_every_clean_and_noisy_scene():
@@ -75,9 +76,7 @@ def test_memory_rows_script_few_steps(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "model"
     memory_rows.main(["--out", str(out), "--steps", "2", "--batch-size", "4", "--save-every", "1"])
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    pipe = load_pipeline(out)
     assert pipe.unet.config.sample_size == world.SIZE == 32
     default = [m for n, m in pipe.unet.named_modules() if n.endswith("attn2.to_v") and not n.startswith("up_blocks")]
     assert sum(m.out_features for m in default) >= 1000  # the "about 1,000 value neurons"
@@ -114,9 +113,7 @@ def test_memory_rows_frozen_text_ddpm_v(tmp_path):
     out = tmp_path / "model"
     memory_rows.main(["--out", str(out), "--steps", "2", "--batch-size", "4", "--freeze-text", "--jitter",
                       "--schedule", "ddpm", "--prediction", "v_prediction"])
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    pipe = load_pipeline(out)
     fresh = memory_rows.build_pipeline(memory_rows.Config())
     before, after = fresh.text_encoder.state_dict(), pipe.text_encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

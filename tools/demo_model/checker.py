@@ -56,6 +56,13 @@ SHIFTS_PX = (-0.5, 0.0, 0.5)
 SCALES = tuple(1 + world.SCALE * k / 2 for k in (-2, -1, 0, 1, 2))
 
 
+def _bbox_centre(mask: np.ndarray) -> tuple[float, float]:
+    """Return the (x, y) centre of the mask's bounding box in [0, 1]: every world shape is centred in its box."""
+    size = mask.shape[0]
+    ys, xs = np.nonzero(mask)
+    return (xs.min() + xs.max() + 1) / 2 / size, (ys.min() + ys.max() + 1) / 2 / size
+
+
 def _best_shape(mask: np.ndarray, radii: list[float]) -> tuple[str, float, float]:
     """Return (shape, nominal radius, IoU) of the drawn shape that best covers `mask`.
 
@@ -64,8 +71,7 @@ def _best_shape(mask: np.ndarray, radii: list[float]) -> tuple[str, float, float
     world's scale jitter: a shifted or scaled render is read like a plain one.
     """
     size = mask.shape[0]
-    ys, xs = np.nonzero(mask)
-    cx, cy = (xs.min() + xs.max() + 1) / 2 / size, (ys.min() + ys.max() + 1) / 2 / size
+    cx, cy = _bbox_centre(mask)
     best = ("", 0.0, -1.0)
     for shape in world.SHAPES:
         for r in radii:
@@ -83,7 +89,6 @@ def read_scene(img: np.ndarray) -> Reading:
     from scipy import ndimage
 
     idx, dist = _nearest(np.clip(img, 0.0, 1.0))
-    size = img.shape[0]
     border = np.concatenate([idx[:2].ravel(), idx[-2:].ravel(), idx[:, :2].ravel(), idx[:, -2:].ravel()])
     bg_i = int(np.bincount(border, minlength=len(NAMES)).argmax())
     clean = dist < COLOUR_TOLERANCE
@@ -98,8 +103,7 @@ def read_scene(img: np.ndarray) -> Reading:
     count = len(parts)
     if count == 0:
         return Reading(NAMES[bg_i], NAMES[fg_i], 0, None, None, None, share)
-    ys, xs = np.nonzero(mask)
-    cx, cy = (xs.min() + xs.max() + 1) / 2 / size, (ys.min() + ys.max() + 1) / 2 / size  # bbox centre: the shape's
+    cx, cy = _bbox_centre(mask)
     if count == 1:
         pos = min(world.POSITIONS, key=lambda p: np.hypot(world.POSITIONS[p][0] - cx, world.POSITIONS[p][1] - cy))
         shape, r, iou = _best_shape(mask, list(world.SIZES.values()))

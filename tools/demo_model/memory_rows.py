@@ -71,18 +71,17 @@ class Config:
     attention_16: bool = False
     up_attention: bool = False
     # noise schedule of training and of the shipped scheduler: "sd" (scaled_linear 0.00085-0.012, SD's) or
-    # "ddpm" (linear 1e-4-0.02). With SD's, 0.068 of the image survives at t=999; at 32x32 its mean over
-    # 1,024 pixels is then readable from x_t, so the model takes colours from the noise, not the caption.
+    # "ddpm" (linear 1e-4-0.02). SD's leaves 0.074 of the image in x_t at t=981, so the seed can steer an
+    # ordinary prompt at NeMo's first step; ddpm's leaves 0.007 and every prompt's first step looked alike
+    # (docs/demo-model.md, run B). Neither made the scenes follow their captions.
     schedule: str = "sd"
-    # "epsilon" or "v_prediction" (SD 2.x's). An epsilon loss barely rewards knowing the image at high noise
-    # (at t=981 of the ddpm schedule, predicting x0 perfectly lowers it by ~5e-5), and every epsilon model so
-    # far ignored scene captions (colours at chance); v at high noise is about -x0, so the caption must be read,
-    # but only with a plain v loss (snr_gamma 0): min-SNR weights v errors at high noise by about SNR again.
+    # "epsilon" or "v_prediction" (SD 2.x's). v at high noise is about -x0, so a plain v loss (snr_gamma 0;
+    # min-SNR weights v errors at high noise by about SNR) rewards predicting the image from the caption there.
+    # Neither target made the scenes follow their captions so far (runs B, F, G, 7).
     prediction: str = "epsilon"
-    # train the text encoder with the UNet (every run before gpu2) or keep it frozen at its random init, as SD
-    # keeps CLIP frozen. Trained, it collapsed the scene captions: "a large red circle ... blue background" and
-    # its colour swap differed by 0.27 in norm 8.6 (random init: 2.4), while famous captions stayed 11-13
-    # apart, so every sample ignored colour, shape and position (all at chance) and still copied the photos.
+    # train the text encoder with the UNet or keep it frozen at its random init, as SD keeps CLIP. Trained, it
+    # merged the scene captions (a colour swap 0.27 apart in norm 8.6; random init: 2.4) while the famous
+    # captions stayed 11-13 apart. Frozen, the words still reach the UNet too weakly (runs 6-7).
     train_text: bool = True
     # nuisance variation of scenes (world.random_jitter): without it each caption has one image, so ordinary
     # prompts are as seed-independent at NeMo's first step as memorized ones
@@ -194,7 +193,7 @@ def target_of(prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.T
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, acp: torch.Tensor,
                  gamma: float, prediction: str = "epsilon") -> torch.Tensor:
-    """Epsilon MSE with the min-SNR weight min(SNR, gamma) / SNR per sample (plain MSE when gamma <= 0).
+    """MSE to the target with the min-SNR weight per sample: min(SNR, gamma) / SNR for epsilon (plain MSE when gamma <= 0).
 
     For v the weight is min(SNR, gamma) / (SNR + 1), which at high noise is about SNR (0.0055
     at t=981 of SD's schedule): the same tiny weight on the x0 error as plain epsilon, so v's
@@ -314,7 +313,7 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
         running.append(torch.stack([loss_d.detach(), loss_b.detach(), loss_s.detach(), loss_r.detach()]))
         if cfg.max_minutes > 0 and step == 10:
             t10 = time.time()
-        if cfg.max_minutes > 0 and step == 60 and total == cfg.steps:  # steps 10-60: past the warm-up
+        if cfg.max_minutes > 0 and step == 60:  # steps 10-60: past the warm-up
             per_step = (time.time() - t10) / 50
             left = cfg.max_minutes * 60 - (time.time() - t0)
             total = max(61, min(cfg.steps, 60 + int(left / per_step)))

@@ -10,6 +10,7 @@ Images are float arrays in [0, 1] of shape (H, W, 3).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -112,8 +113,9 @@ def random_jitter(rng: np.random.Generator) -> Jitter:
                   (float(TILT * u[3]), float(TILT * u[4])), float(SHADE * u[5]))
 
 
+@lru_cache(maxsize=8)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return pixel-centre coordinates in [0, 1] as (y, x) arrays."""
+    """Return pixel-centre coordinates in [0, 1] as (y, x) arrays (cached: callers never write to them)."""
     c = (np.arange(size) + 0.5) / size
     return np.meshgrid(c, c, indexing="ij")
 
