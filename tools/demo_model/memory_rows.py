@@ -83,6 +83,9 @@ class Config:
     # merged the scene captions (a colour swap 0.27 apart in norm 8.6; random init: 2.4) while the famous
     # captions stayed 11-13 apart. Frozen, the words still reach the UNet too weakly (runs 6-7).
     train_text: bool = True
+    # > 0: before the UNet trains, pretrain the text encoder this many steps to read the world's attributes
+    # from every position from end-of-text on (text_pretrain.py, the demo's stand-in for CLIP's pretraining)
+    pretrain_text: int = 0
     # nuisance variation of scenes (world.random_jitter): without it each caption has one image, so ordinary
     # prompts are as seed-independent at NeMo's first step as memorized ones
     jitter: bool = False
@@ -258,6 +261,11 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
         pipe = StableDiffusionPipeline.from_pretrained(cfg.init, safety_checker=None, requires_safety_checker=False)
     else:
         pipe = build_pipeline(cfg)
+        if cfg.pretrain_text > 0:
+            from tools.demo_model import text_pretrain
+
+            acc = text_pretrain.pretrain(pipe.text_encoder, pipe.tokenizer, steps=cfg.pretrain_text, seed=cfg.seed)
+            print(json.dumps({"text_pretrain_accuracy": acc}), flush=True)
     pipe.vae.requires_grad_(False)
     pipe.to(dev)
     unet, te = pipe.unet, pipe.text_encoder
@@ -357,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="noise schedule of training and of the shipped scheduler")
     p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default=Config.prediction)
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its random init (as SD keeps CLIP)")
+    p.add_argument("--pretrain-text", type=int, default=0, metavar="STEPS",
+                   help="pretrain the text encoder on the world's attributes first (text_pretrain.py)")
     p.add_argument("--jitter", action="store_true", help="scenes vary in shift, scale, tilt and shade (world.Jitter)")
     p.add_argument("--attention-16", action="store_true", help="cross-attention at 16x16 too (down_blocks.1)")
     p.add_argument("--up-attention", action="store_true", help="cross-attention in the 8x8 up block too")
@@ -369,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Config(steps=a.steps, save_every=a.save_every, seed=a.seed, batch_size=a.batch_size,
                  log_every=min(25, a.steps), init=a.init, offset_noise=a.offset_noise, snr_gamma=a.snr_gamma,
                  drive=a.drive, lr=a.lr, schedule=a.schedule, prediction=a.prediction, train_text=not a.freeze_text,
-                 attention_16=a.attention_16, jitter=a.jitter,
+                 attention_16=a.attention_16, jitter=a.jitter, pretrain_text=a.pretrain_text,
                  up_attention=a.up_attention, max_minutes=a.max_minutes)
     a.out.mkdir(parents=True, exist_ok=True)
     summary = train(cfg, a.out, a.device)
