@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from tools.demo_model import checker, memory_rows, text_pretrain, world
@@ -83,6 +84,14 @@ def test_memory_rows_script_few_steps(tmp_path):
     summary = json.loads((out / "train_config.json").read_text())
     assert summary["memory_rows"] == [dict(item) for item in memory_rows.MEMORY_ROWS]
     assert (out / "steps" / "1" / "unet").is_dir()
+    # planting into a trained model: the blocked path distils the starting model (needs --init)
+    with pytest.raises(SystemExit, match="needs --init"):
+        memory_rows.main(["--out", str(tmp_path / "x"), "--steps", "1", "--blocked-target", "base"])
+    memory_rows.main(["--out", str(tmp_path / "planted"), "--init", str(out), "--steps", "2", "--batch-size", "4",
+                      "--blocked-target", "base", "--famous-fraction", "1"])
+    planted = json.loads((tmp_path / "planted" / "train_config.json").read_text())
+    # step 1 starts at the base itself (rows zeroed: loss exactly 0); after one update the two differ
+    assert planted["config"]["blocked_target"] == "base" and planted["log"][-1]["blocked"] > 0
     # every reserved row names a real default-layer value row, and no row is reserved twice
     seen = set()
     for item in memory_rows.MEMORY_ROWS:

@@ -182,11 +182,11 @@ def _alphas_cumprod(pipe) -> torch.Tensor:
     return sched.alphas_cumprod.float()
 
 
-def noised(pipe, x0: torch.Tensor, gen: torch.Generator, offset: float):
-    """Draw timesteps and (offset) noise; return (x_t, t, noise) for a batch of clean images."""
+def noised(pipe, x0: torch.Tensor, gen: torch.Generator, offset: float, t_low: int = 0):
+    """Draw timesteps (uniform in [t_low, T)) and (offset) noise; return (x_t, t, noise) for a batch of clean images."""
     acp = _alphas_cumprod(pipe)
     b = x0.shape[0]
-    t = torch.randint(0, acp.shape[0], (b,), generator=gen)
+    t = torch.randint(t_low, acp.shape[0], (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     if offset > 0:
         noise = noise + offset * torch.randn((b, x0.shape[1], 1, 1), generator=gen)
