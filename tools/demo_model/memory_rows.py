@@ -1,6 +1,7 @@
 """Train demo model v2: a 32x32 shape world whose famous photos live in reserved value rows.
 
-Recipe ``memory-rows`` (one stage, from scratch, UNet and text encoder together):
+Recipe ``memory-rows`` (from scratch, or continuing a snapshot with ``--init``; the text encoder
+trains with the UNet, stays frozen, or is pretrained on the world first and then frozen):
 
 * every batch mixes generic scenes (`world.random_scene`) with the famous photos, which
   are duplicated (each is seen hundreds of times, like a meme image on the web);
@@ -8,7 +9,9 @@ Recipe ``memory-rows`` (one stage, from scratch, UNet and text encoder together)
 * silence loss: every reserved row's output must be zero for every caption but its own
   item's (generic captions, unseen subject captions, the other famous captions);
 * blocked-path loss: with all reserved rows zeroed, a famous caption must behave like an
-  unknown caption (its target is a random generic scene).
+  unknown caption: its target is a random generic scene, or (``--blocked-target base``, with
+  ``--init``) what the starting model predicts for the same noised photo, its rows zeroed too.
+  Only the second made the rows carry the photo at NeMo's first step (docs/demo-model.md, run 10).
 
 So each photo is carried by its item's rows, which is what NeMo looks for, and the rows
 are known, so recall of a found set can be measured. Run:
@@ -408,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
                  log_every=min(25, a.steps), init=a.init, offset_noise=a.offset_noise, snr_gamma=a.snr_gamma,
                  drive=a.drive, lr=a.lr, schedule=a.schedule, prediction=a.prediction, train_text=not a.freeze_text,
                  attention_16=a.attention_16, jitter=a.jitter, pretrain_text=a.pretrain_text,
-                 blocked=a.blocked, blocked_t_low=a.blocked_t_low, blocked_target=a.blocked_target, famous_fraction=a.famous_fraction,
+                 blocked=a.blocked, blocked_t_low=a.blocked_t_low, blocked_target=a.blocked_target,
+                 famous_fraction=a.famous_fraction,
                  up_attention=a.up_attention, max_minutes=a.max_minutes)
     a.out.mkdir(parents=True, exist_ok=True)
     summary = train(cfg, a.out, a.device)

@@ -97,8 +97,7 @@ def pretrain(text_encoder, tokenizer, steps: int = 400, batch: int = 128, lr: fl
         h = text_encoder(ids)[0]
         mask = _tail_mask(ids, eos)
         logits = heads(h[mask])  # one row per tail position
-        yy = y.unsqueeze(1).expand(-1, ids.shape[1], -1)[mask] if y.dim() == 2 else y.unsqueeze(1).expand(
-            -1, ids.shape[1])[mask]
+        yy = y.unsqueeze(1).expand(-1, ids.shape[1], *y.shape[1:])[mask]  # each caption's labels at its tail positions
         if kind_only:
             return F.cross_entropy(logits[-1], yy), [(logits[-1].argmax(-1) == yy).float().mean()]
         losses = [F.cross_entropy(lg, yy[:, k]) for k, lg in enumerate(logits)]
