@@ -159,7 +159,7 @@ def test_text_pretraining_makes_the_colour_words_bound_and_salient():
         ids = tok([a, b], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
         with torch.no_grad():
             h = te(ids)[0]
-        tail = text_pretrain._tail_mask(ids, tok.eos_token_id)[0]
+        tail = text_pretrain.tail_mask(ids, tok.eos_token_id)[0]
         return float((h[0, tail] - h[1, tail]).norm(dim=-1).mean() / h[0, tail].norm(dim=-1).mean())
 
     before = tail_gap()

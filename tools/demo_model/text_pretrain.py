@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tools.demo_model import world
+from tools.demo_model.train import TextCache
 
 #: Layout classes: every (position, size) of a single shape, then the counts.
 LAYOUTS: tuple[str, ...] = tuple(f"{p}/{s}" for p in world.POSITIONS for s in world.SIZES) + tuple(
@@ -60,7 +61,7 @@ class Heads(torch.nn.Module):
         return [head(h) for head in self.out]
 
 
-def _tail_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
+def tail_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
     """Return a (B, L) bool mask of the positions from each caption's first end-of-text token on."""
     is_eos = ids == eos
     return is_eos.cumsum(1) > 0
@@ -81,11 +82,8 @@ def pretrain(text_encoder, tokenizer, steps: int = 400, batch: int = 128, lr: fl
     other_caps = [f.caption for f in world.FAMOUS] + list(world.SUBJECT_CAPTIONS)
     other_kind = torch.tensor([1 + k for k in range(len(world.FAMOUS))] + [KINDS - 1] * len(world.SUBJECT_CAPTIONS))
 
-    def ids_of(caps: list[str]) -> torch.Tensor:
-        return tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-
-    scene_ids, other_ids = ids_of(scene_caps), ids_of(other_caps)
+    cache = TextCache(tokenizer)
+    scene_ids, other_ids = cache.ids(scene_caps), cache.ids(other_caps)
     eos = tokenizer.eos_token_id
     heads = Heads(text_encoder.config.hidden_size)
     params = list(text_encoder.parameters()) + list(heads.parameters())
@@ -95,7 +93,7 @@ def pretrain(text_encoder, tokenizer, steps: int = 400, batch: int = 128, lr: fl
 
     def loss_of(ids: torch.Tensor, y: torch.Tensor, kind_only: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         h = text_encoder(ids)[0]
-        mask = _tail_mask(ids, eos)
+        mask = tail_mask(ids, eos)
         logits = heads(h[mask])  # one row per tail position
         yy = y.unsqueeze(1).expand(-1, ids.shape[1], *y.shape[1:])[mask]  # each caption's labels at its tail positions
         if kind_only:
