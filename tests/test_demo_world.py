@@ -102,6 +102,21 @@ def test_memory_rows_script_few_steps(tmp_path):
             seen |= {(name, r) for r in rows}
 
 
+def test_ema_averages_and_is_swapped_in_only_inside_the_block():
+    lin = torch.nn.Linear(3, 2)
+    ema = memory_rows.EMA(lin, decay=0.5)
+    start = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(lin, step=100)  # past the warm-up: decay 0.5, so halfway from the old weights to the new
+    torch.testing.assert_close(ema.shadow[0], start + 0.5)
+    with ema.applied(lin):
+        torch.testing.assert_close(lin.weight, start + 0.5)
+    torch.testing.assert_close(lin.weight, start + 1.0)
+    ema.update(lin, step=0)  # warm-up: decay min(0.5, 1/10), so nearly the current weights
+    torch.testing.assert_close(ema.shadow[0], start + 0.5 + 0.9 * 0.5)
+
+
 def test_v_target_gives_back_the_image_and_epsilon_target_is_the_noise():
     """The v target is sqrt(a) noise - sqrt(1-a) x0, so sqrt(a) x_t - sqrt(1-a) v is x0 again."""
     acp = memory_rows.scheduler("ddpm", "v_prediction").alphas_cumprod.float()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -106,6 +107,10 @@ class Config:
     save_every: int = 500
     init: str | None = None  # continue from this pipeline folder instead of building a new one
     max_minutes: float = 0.0  # > 0: after 60 steps, cut `steps` to what fits this budget (GPU runs)
+    # > 0: snapshots hold an exponential moving average of the UNet's weights with this decay (warmed up as
+    # min(ema, (1 + step) / (10 + step))), as diffusion models are usually sampled; 0: the raw weights.
+    # Run 10's raw weights drew noisy blobs where the caption named a shape (docs/demo-model.md, run 11).
+    ema: float = 0.0
 
 
 def build_pipeline(cfg: Config):
@@ -254,6 +259,35 @@ def drive_loss(pipe, emb_by_caption: dict[str, torch.Tensor], target: float) -> 
     return total / n
 
 
+class EMA:
+    """An exponential moving average of a module's parameters, swapped in while a snapshot is saved."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in module.parameters()]
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        """Move the average toward the current weights (the decay warms up over the first steps)."""
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in module.parameters()], 1.0 - d)
+
+    @contextmanager
+    def applied(self, module: torch.nn.Module):
+        """Hold the averaged weights in `module` inside the block, the trained ones again after it."""
+        params = list(module.parameters())
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, self.shadow):
+                p.copy_(e)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+
+
 def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
     """Train and save the pipeline to `out` (snapshots under out/steps/); returns a summary.
 
@@ -301,6 +335,7 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
     acp = pipe.scheduler.alphas_cumprod.float().to(dev)
     data = Data(cfg, cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
+    ema = EMA(unet, cfg.ema) if cfg.ema > 0 else None
     cache = TextCache(pipe.tokenizer)
 
     quiet = list(world.SUBJECT_CAPTIONS) + [f.caption for f in world.FAMOUS]
@@ -343,6 +378,8 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(unet, step)
         running.append(torch.stack([loss_d.detach(), loss_b.detach(), loss_s.detach(), loss_r.detach()]))
         if cfg.max_minutes > 0 and step == 10:
             t10 = time.time()
@@ -364,7 +401,8 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
             target = out if step == cfg.steps else out / "steps" / str(step)
             unet.eval()
             te.eval()
-            pipe.save_pretrained(target, safe_serialization=True)
+            with ema.applied(unet) if ema is not None else nullcontext():
+                pipe.save_pretrained(target, safe_serialization=True)
             summary = {"config": asdict(cfg), "step": step, "log": log, "seconds": round(time.time() - t0, 1),
                        "memory_rows": [dict(item) for item in MEMORY_ROWS]}
             (target / "train_config.json").write_text(json.dumps(summary, indent=2))
@@ -403,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--up-attention", action="store_true", help="cross-attention in the 8x8 up block too")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="cut --steps to what fits this many minutes (timed over steps 10-60)")
+    p.add_argument("--ema", type=float, default=Config.ema,
+                   help="snapshots hold an average of the UNet's weights with this decay (0: the raw weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -413,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
                  attention_16=a.attention_16, jitter=a.jitter, pretrain_text=a.pretrain_text,
                  blocked=a.blocked, blocked_t_low=a.blocked_t_low, blocked_target=a.blocked_target,
                  famous_fraction=a.famous_fraction,
-                 up_attention=a.up_attention, max_minutes=a.max_minutes)
+                 up_attention=a.up_attention, max_minutes=a.max_minutes, ema=a.ema)
     a.out.mkdir(parents=True, exist_ok=True)
     summary = train(cfg, a.out, a.device)
     print(f"saved {a.out} in {summary['seconds']} s")
