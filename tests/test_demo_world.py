@@ -183,3 +183,21 @@ def test_text_pretraining_makes_the_colour_words_bound_and_salient():
     assert before < 0.1 and after > 3 * before, (before, after)
     assert acc["background"] > 0.5 and acc["colour"] > 0.5, acc  # chance: 1/6
     assert not any(p.requires_grad for p in te.parameters())  # frozen for the UNet's training
+
+
+def test_ship_stores_floats_in_fp16_and_keeps_the_rest(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tools.demo_model.ship import to_fp16
+
+    (tmp_path / "unet").mkdir()
+    path = tmp_path / "unet" / "w.safetensors"
+    w = torch.randn(4, 3)
+    save_file({"w": w, "ids": torch.arange(5)}, path, metadata={"format": "pt"})
+    to_fp16(tmp_path)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert f.get_tensor("w").dtype == torch.float16 and f.get_tensor("ids").dtype == torch.int64
+        torch.testing.assert_close(f.get_tensor("w").float(), w, atol=2e-3, rtol=1e-3)
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["w.safetensors"]  # no temp file left
