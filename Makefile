@@ -16,10 +16,11 @@ install:  ## CPU torch from local disk when no torch is present, the package wit
 
 demo:  ## the main job on the embedded demo model: scan -> apply -> verify (offline, CPU, a few minutes)
 	mkdir -p $(OUT)
-	nemo-surgery scan prompts/demo_memorized.txt --layers all --out $(OUT)/neurons.json --force || [ $$? -eq 3 ]
+	nemo-surgery scan prompts/demo_memorized.txt --out $(OUT)/neurons.json --force || [ $$? -eq 3 ]
 	nemo-surgery apply nemo_surgery/demo/assets/model --neurons $(OUT)/neurons.json \
 		--out $(OUT)/pruned-model --force --holdout prompts/demo_holdout.txt \
-		--train-images nemo_surgery/demo/assets/train_images --guidance 3 --steps 20
+		--train-images nemo_surgery/demo/assets/train_images --guidance 3 --steps 20 \
+		--seeds 6 --holdout-seeds 2 --drift-seeds 1
 
 test:  ## the whole suite (what CI runs)
 	$(PYTHON) -m pytest -q

@@ -39,8 +39,9 @@ from nemo_surgery.engine.screen import pairwise_batch, run_detect  # noqa: E402
 from nemo_surgery.engine.ssim import SSIMConfig  # noqa: E402
 from nemo_surgery.engine.stats import compute_stats, load_stats  # noqa: E402
 
-#: Copy threshold of the ground truth (SSIM of a full sample to the training image).
-COPY_SSIM = 0.5
+#: Copy threshold of the ground truth (SSIM of a full sample to the training image): issue 12's bar for the
+#: 32x32 demo (v2); the 16x16 v1 demo was judged at 0.5.
+COPY_SSIM = 0.7
 #: Seeds that must reproduce the training image for a caption to count as memorized.
 MIN_COPIES = 2
 
@@ -120,7 +121,7 @@ def demo(quick: bool) -> None:
     if quick:
         return
     holdout = read_prompts(ROOT / "prompts" / "demo_holdout.txt")
-    print("  screening speed (detect on the 50 hold-out prompts, CPU):")
+    print(f"  screening speed (detect on the {len(holdout)} hold-out prompts, CPU):")
     for batch in (10, 100):
         with tempfile.TemporaryDirectory() as tmp:
             summary = run_detect(model, stats, DEMO_STATS, holdout, Path(tmp) / "r.jsonl", Path(tmp) / "f.txt",

@@ -12,7 +12,7 @@ the detection call, so a prompt that is NOT memorized costs it more samples
 
 * ``planted``: tests/models/plant.py (rows 3 and 7 of mid_block carry the trigger), theta from 2
   (--planted-theta) so that the initial candidate set is larger than the two planted rows;
-* ``demo``: the shipped demo model with its stats.json, --layers all (as `make demo`);
+* ``demo``: the shipped demo model with its stats.json, NeMo's default layers (as `make demo`);
 * ``many``: a planted model whose memorization needs four neurons, all of which must
   be blocked, scanned over every value layer from theta = 1, so the initial
   candidate set has well over a hundred neurons and refinement has real work.
@@ -97,7 +97,7 @@ def _demo_case(tmp: Path, batch_size: int) -> Case:
         stats_path = tmp / "demo-stats.json"
         compute_stats(model, _lines(DEMO_HOLDOUT), settings, batch_size=batch_size).save(stats_path)
         print(f"  [demo: shipped statistics are an older format; recomputed on {DEMO_HOLDOUT.name}]", file=sys.stderr)
-    return Case("demo", DEMO_MODEL_DIR, stats_path, _lines(DEMO_PROMPTS), "all", 5.0)
+    return Case("demo", DEMO_MODEL_DIR, stats_path, _lines(DEMO_PROMPTS), "default", 5.0)
 
 
 def _run(case: Case, strategy: str, batch_size: int, tmp: Path) -> tuple[ScanSummary, float]:

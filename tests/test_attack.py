@@ -25,16 +25,17 @@ from nemo_surgery.verify.metrics import load_image
 from nemo_surgery.verify.sampling import SampleSettings
 
 ASTRONAUT = "a portrait of an astronaut"
-CONTROL = "a drawing of a black ring on a green background"
+CONTROL = "a large black ring at the top on a yellow background"  # a hold-out scene of the demo's world
 FAST_SAMPLING = SampleSettings(seeds=2, seed=0, steps=8, guidance=3.0, batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def demo():
-    """(model, training image [1, 16, 16, 3], memorized and control conditionings)."""
+    """(model, training image [1, H, W, 3] at the model's sample size, memorized and control conditionings)."""
     torch.set_num_threads(1)
     model = load_model(DEMO_MODEL_DIR, device="cpu", with_vae=True)
-    image = load_image(DEMO_TRAIN_IMAGES / "0.png", 16, 16)[None]
+    _, h, w = model.latent_shape  # the demo is in pixel space: latents are the image
+    image = load_image(DEMO_TRAIN_IMAGES / "0.png", h, w)[None]
     return model, image, model.encode([ASTRONAUT]), model.encode([CONTROL])
 
 
@@ -59,9 +60,9 @@ def test_control_image_keeps_content_changes_layout() -> None:
 
 
 def test_attack_lowers_the_loss_toward_the_training_image(demo) -> None:
-    """On the demo pruned by its 20 trained rows, 10 Adam steps lower the fixed-noise loss toward the image."""
+    """On the demo pruned by the astronaut's 3 planted rows, 10 Adam steps lower the fixed-noise loss toward the image."""
     model, image, memorized, _ = demo
-    rows = json.loads(DEMO_RECIPE.read_text())["trained_value_rows"]
+    rows = json.loads(DEMO_RECIPE.read_text())["memory_rows_by_item"][0]
     settings = AttackSettings(steps=10, lr=0.1, batch=4, every=10)
     once = SampleSettings(seeds=1, seed=0, steps=2, guidance=3.0, batch_size=4)
     start = memorized.hidden.clone()
@@ -123,7 +124,7 @@ def _demo_set(path, model, layer_id: str, rows: list[int]):
 
 
 def test_cli_verify_attack_shallow_warns_or_fails(demo, tmp_path, cli_cmd) -> None:
-    """`verify --attack` end to end: a pruning that leaves the memorization (one untrained row) is shallow.
+    """`verify --attack` end to end: a pruning that leaves the memorization (one row nothing was planted in) is shallow.
 
     Without --require-robust the finding is a warning note and no reason; with it, the
     prompt fails with the attack's numbers. Report JSON, HTML chart and model card carry it.
@@ -133,11 +134,14 @@ def test_cli_verify_attack_shallow_warns_or_fails(demo, tmp_path, cli_cmd) -> No
     from nemo_surgery.surgery.apply import run_apply
 
     model = demo[0]
-    layer_id = "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_v"
+    layer_id = "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"
+    planted = {(name, r) for item in json.loads(DEMO_RECIPE.read_text())["memory_rows_by_item"]
+               for name, rows in item.items() for r in rows}
+    assert (layer_id, 0) not in planted
     neurons = _demo_set(tmp_path / "set.json", model, layer_id, [0])
     pruned = run_apply(DEMO_MODEL_DIR, neurons, out=tmp_path / "pruned").output
     (tmp_path / "prompts.txt").write_text(ASTRONAUT + "\n")
-    (tmp_path / "hold.txt").write_text(CONTROL + "\na white square in the left on green\n")
+    (tmp_path / "hold.txt").write_text(CONTROL + "\na small white square on the left on a blue background\n")
     docs = {}
     for required in (False, True):
         report = tmp_path / f"report-{required}"
