@@ -70,7 +70,7 @@ def test_demo_verified(demo_scan, cli_cmd, tmp_path):
                 "--neurons", str(tmp / "neurons.json"), "--out", str(tmp_path / "pruned"),
                 "--prompts", str(tmp_path / "memorized.txt"), "--holdout", str(tmp_path / "hold.txt"),
                 "--train-images", str(DEMO_TRAIN_IMAGES), *VERIFY_FAST], 0)
-    verify = doc["verify"] if "verify" in doc else doc
+    verify = doc["verify"]  # apply --json: the patch summary with verify's summary inside
     assert verify["verdict"] == "verified", verify
     report = json.loads((tmp_path / "pruned" / "nemo_report" / "report.json").read_text())
     (prompt,) = report["memorized_prompts"]
@@ -118,7 +118,7 @@ def test_spread_control_not_verified(spread_model, cli_cmd):
     doc = _run([*cli_cmd, "apply", str(folder), "--neurons", str(small), "--out", str(root / "pruned"),
                 "--holdout", str(root / "hold.txt"), "--seeds", "6", "--steps", "10", "--holdout-seeds", "4",
                 "--controls", "1", "--device", "cpu", "--json"], 3)
-    verify = doc["verify"] if "verify" in doc else doc
+    verify = doc["verify"]  # apply --json: the patch summary with verify's summary inside
     assert verify["verdict"] == "NOT verified"
     (prompt,) = verify["prompts"]
     assert prompt["detection_after"] < json.loads((root / "stats.json").read_text())["tau"]  # the first step agrees
