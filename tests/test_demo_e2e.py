@@ -1,13 +1,15 @@
 """End to end through the CLI: the shipped demo model is verified, the spread negative control is not.
 
 The demo model (v2, docs/demo-model.md) copies its astronaut training image in every seed,
-and the copy is planted in 3 value rows of a default layer (recipe.json's
+and the copy is planted in 3 value rows of the default layers (recipe.json's
 `memory_rows_by_item`). `nemo-surgery scan` with NeMo's own settings (the shipped
 statistics: guidance 0, default layers) must find planted rows only, and `apply` with its
 built-in verify must say "verified": every fresh seed copies before and none after, while
 random sets of the same shape leave the copies. The spread model (tests/models/spread.py)
-carries its memorization in 16 rows: scan finds a small set that lowers NeMo's first-step
-score, the samples still copy, and verify must say "NOT verified" with that reason.
+carries its memorization in 16 rows: scan finds no small set and says NOT mitigated, and
+the small set a first-step-only check would accept (its 4 strong rows, which bring NeMo's
+first-step score below tau) leaves every seed copying, so verify must say "NOT verified"
+with that reason.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def test_demo_scan_finds_planted_rows_with_nemos_settings(demo_scan):
 
 
 def test_demo_verified(demo_scan, cli_cmd, tmp_path):
-    """The two verdicts: the demo's found set removes every copy (controls do not): verified, exit 0."""
+    """The demo's found set removes every copy (random sets of its shape do not): verified, exit 0."""
     tmp, _, _ = demo_scan
     (tmp_path / "hold.txt").write_text(
         "\n".join(p.text for p in read_prompts(ROOT / "prompts" / "demo_holdout.txt")[:6]) + "\n")
