@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-#: Default number of random control sets (the demo's verify stays within minutes on 2 CPU cores).
-DEFAULT_CONTROLS = 2
 #: Default seed of the control draw.
 DEFAULT_CONTROL_SEED = 0
 #: Harm margins: the found set may exceed the median control by this much and still count as "no worse than chance".
