@@ -9,11 +9,12 @@ not assume, so both sides start warm) and after a ``sync``:
 
 - ``cp`` and ``cp`` + ``sync`` of the file (apply fsyncs its output, cp does not);
 - ``nemo-surgery apply --no-verify`` (the CLI: interpreter start-up, plan,
-  fingerprint, the copy pass, structural verification, fsync, report, publish);
+  fingerprint, the copy pass, structural verification, fsync, report, publish),
+  and the same with ``--input-sha256`` (the input's SHA-256 too: a second digest);
 - ``run_apply`` called from a small Python child (the same work without the CLI's
   imports), with --baseline-rev also ``run_apply`` of an older git revision (its
   package extracted with ``git archive``), the copy pass alone
-  (``write_patched_copy``), and ``apply --in-place`` (on a fresh copy of the
+  (``write_patched_copy``, the output digest only, as apply's default), and ``apply --in-place`` (on a fresh copy of the
   file, made outside the timing).
 
 Each child runs under ``/usr/bin/time -v``; its "Maximum resident set size" is the
@@ -171,6 +172,11 @@ def one_round(src: Path, ns: Path, work: Path, baseline: tuple[str, Path] | None
          "--no-verify", "--quiet"], env=env)
     _remove(out, *reports)
     warm(src)
+    got["apply (CLI, as above, --input-sha256)"] = timed(
+        [sys.executable, "-m", "nemo_surgery", "apply", str(src), "--neurons", str(ns), "--out", str(out),
+         "--no-verify", "--quiet", "--input-sha256"], env=env)
+    _remove(out, *reports)
+    warm(src)
     got["run_apply (library call)"] = timed(child(
         "from nemo_surgery.surgery.apply import run_apply;"
         f"r = run_apply({str(src)!r}, {str(ns)!r}, out={str(out)!r}); assert r.ok"
@@ -189,7 +195,8 @@ def one_round(src: Path, ns: Path, work: Path, baseline: tuple[str, Path] | None
         "from nemo_surgery.surgery.discover import discover; from nemo_surgery.surgery.plan import build_plan;"
         "from nemo_surgery.surgery.patch import write_patched_copy;"
         f"p = build_plan(discover({str(src)!r}), load_neuron_set({str(ns)!r}));"
-        f"w = write_patched_copy(p.files[0], Path({str(out)!r}), 'x'); assert w.check.targets_zero and w.check.others_identical"
+        f"w = write_patched_copy(p.files[0], Path({str(out)!r}), 'x', hash_input=False);"
+        "assert w.check.targets_zero and w.check.others_identical"
     ))
     _remove(out)
     victim = work / "inplace.safetensors"

@@ -40,6 +40,7 @@ def apply_and_verify(
     verify: VerifyOptions | None = VerifyOptions(),
     stage: Callable[[str], None] | None = None,
     applied: Callable[[ApplyResult], None] | None = None,
+    input_sha256: bool = False,
 ) -> WorkflowResult:
     """Zero the set's rows in CKPT, then verify the output against CKPT when CKPT is a loadable pipeline.
 
@@ -49,7 +50,7 @@ def apply_and_verify(
     checked, and a single-file CKPT is loaded, before anything is written
     (InputError: e.g. no --config and no cached config). ``applied(result)``
     is called between the two steps (e.g. to print the patch table);
-    ``stage(text)`` reports verify's phases.
+    ``stage(text)`` reports verify's phases; ``input_sha256`` is run_apply's.
     """
     neurons_path = Path(neurons)
     neuron_set = load_neuron_set(neurons_path)
@@ -72,7 +73,8 @@ def apply_and_verify(
         except InputError as exc:
             raise InputError(f"{exc}; or pass --no-verify to apply without verification") from None
         check_original(inputs, original)  # the set and statistics are from this model
-    result = run_apply(ckpt, neurons_path, neuron_set=neuron_set, out=out, in_place=in_place, dry_run=dry_run, force=force)
+    result = run_apply(ckpt, neurons_path, neuron_set=neuron_set, out=out, in_place=in_place, dry_run=dry_run,
+                       force=force, input_sha256=input_sha256)
     if applied is not None:
         applied(result)
     if not run_it:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -27,6 +28,9 @@ def test_cli_apply_end_to_end(tmp_path: Path) -> None:
     summary = json.loads(run.stdout)
     assert summary["ok"] and summary["output"] == str(tmp_path / "model-nemo.safetensors")
     assert_patched(src, tmp_path / "model-nemo.safetensors", expected_zeroed(DEFAULT_NEURONS, "ldm", ema=True))
+    out = tmp_path / "model-nemo.safetensors"
+    assert summary["files"][0]["sha256_out"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert summary["input_sha256"] is False and summary["files"][0]["sha256_in"] is None  # one digest by default
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
@@ -56,6 +60,10 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert "patch plan" in dry.stderr
     assert (tmp_path / "model-nemo.safetensors").read_bytes() == b"x"
 
-    forced = runner.invoke(main, ["apply", str(src), "--neurons", str(ns), "--force", "--json", "-q", "--no-verify"])
+    forced = runner.invoke(main, ["apply", str(src), "--neurons", str(ns), "--force", "--json", "-q", "--no-verify",
+                                  "--input-sha256"])
     assert forced.exit_code == 0, forced.stderr
-    assert json.loads(forced.stdout)["ok"] is True
+    doc = json.loads(forced.stdout)
+    assert doc["ok"] is True and doc["input_sha256"] is True
+    assert doc["files"][0]["sha256_in"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert f"SHA-256 in: `{doc['files'][0]['sha256_in']}`" in Path(doc["report"]["md"]).read_text()

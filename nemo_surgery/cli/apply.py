@@ -41,6 +41,9 @@ def _print_plan(result: ApplyResult) -> None:
                    "unzeroed, is marked by a journal file beside CKPT, and is finished by rerunning the same command.")
 @click.option("--dry-run", is_flag=True, help="Print the patch plan (files, keys, rows, bytes); write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing output (atomically, with its report).")
+@click.option("--input-sha256", is_flag=True,
+              help="Also record each patched input file's SHA-256 in the report (a second digest over the file: about "
+                   "0.7 CPU-s per GB; always taken with --in-place). The output's SHA-256 is always recorded.")
 @click.option("--no-verify", is_flag=True, help="Skip `verify` (run by default when CKPT is a pipeline folder or a single file "
                    "holding UNet, VAE and text encoder).")
 @verify_options
@@ -49,7 +52,7 @@ def _print_plan(result: ApplyResult) -> None:
 @run_command
 def apply_command(
     ckpt: str, neurons: str, out: str | None, in_place: bool, dry_run: bool, force: bool, as_json: bool, quiet: bool,
-    no_verify: bool = False, **verify_values,
+    no_verify: bool = False, input_sha256: bool = False, **verify_values,
 ) -> int:
     """Zero neuron rows directly in safetensors checkpoints, byte-exact and verified.
 
@@ -68,7 +71,7 @@ def apply_command(
     status = stage_status("verifying", unet_calls_text)
     try:
         done = apply_and_verify(ckpt, neurons, out=out, in_place=in_place, dry_run=dry_run, force=force,
-                                verify=options, applied=_print_plan,
+                                verify=options, applied=_print_plan, input_sha256=input_sha256,
                                 stage=lambda text: (status.start(), status.update(f"verify: {text}")))
     finally:  # an ApplyFailed carries its result: with --json, run_command prints it inside the error object
         status.stop()

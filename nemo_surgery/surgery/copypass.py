@@ -135,15 +135,17 @@ class PassCheck:
         """True when no byte outside the ranges was written unlike the input, and the size is right."""
         return self.first_difference is None and self.size_ok
 
-    def chunk(self, src: memoryview, written: bytes | bytearray, pos: int, ranges: list[tuple[int, int]]) -> None:
+    def chunk(
+        self, src: memoryview, written: memoryview | bytes | bytearray, pos: int, ranges: list[tuple[int, int]]
+    ) -> None:
         """Check the buffer ``written`` for the input chunk ``src`` at data offset ``pos``.
 
-        A buffer that is the input chunk's own ring buffer was written as read:
-        nothing to compare. Otherwise (a zeroed copy, or the file's last, short
-        chunk) it must equal the input chunk with the ranges zeroed, rebuilt here
-        independently (one memcmp); on a mismatch the segments are classified.
+        The input chunk's own view was written as read: nothing to compare.
+        Anything else (a zeroed copy) must equal the input chunk with the ranges
+        zeroed, rebuilt here independently (one memcmp); on a mismatch the
+        segments are classified.
         """
-        if written is src.obj and len(written) == len(src):
+        if written is src:
             return
         pieces = [(a, b) for a, b, inside in segments(pos, len(src), ranges) if inside]
         expected = bytearray(src)

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +29,12 @@ from nemo_surgery.surgery.plan import FilePlan
 from nemo_surgery.surgery.safetensors_file import encode_header
 from nemo_surgery.surgery.streaming import (
     CHUNK,
-    BufferRing,
     Hasher,
     advise_sequential,
     inside_pieces,
+    map_chunks,
     read_bytes,
     scan_file,
-    stream_chunks,
     with_zeros,
 )
 from nemo_surgery.surgery.testhooks import pause_at
@@ -109,74 +109,92 @@ class WrittenCopy:
 
     metadata: dict[str, str]
     head: bytes
-    sha256_in: str
+    sha256_in: str | None  # None when the input digest was not asked for (apply --input-sha256)
     sha256_out: str | None  # None when the header was rewritten after streaming (modelspec hash)
     data_sha256_out: str | None  # SHA-256 of the data buffer written, computed only for a modelspec hash
     check: PassCheck | None = None  # what the pass checked in the buffers it wrote
     cloned_from: int | None = None  # data byte from which the data buffer was cloned from the input (reflink)
 
 
+def _write_chunk(dst_fd: int, out: memoryview | bytearray, at: int, keep: int, pieces: list[tuple[int, int]]) -> None:
+    """Write one output chunk at file offset ``at``: its first ``keep`` bytes, then the zeroed pieces beyond keep."""
+    write_pieces(dst_fd, memoryview(out)[:keep], at)
+    for a, b in pieces:
+        if b > keep:
+            write_at(dst_fd, memoryview(out)[max(a, keep) : b], at + max(a, keep))
+
+
 def _stream_copy(
-    src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head: bool, cloned_from: int | None = None
-) -> tuple[str, str, PassCheck]:
+    src_fd: int, dst_fd: int, fp: FilePlan, head: bytes, hash_head: bool, cloned_from: int | None = None,
+    hash_input: bool = True,
+) -> tuple[str | None, str, PassCheck]:
     """Copy fp's data buffer behind head with zeroed ranges; return (SHA-256 in, SHA-256 out, check of the written bytes).
 
     The output digest covers head + data when ``hash_head``, else the data buffer
-    only. Each input chunk is read once; the very buffer written (the chunk
-    itself, or its copy with the ranges zeroed) is the one hashed into the output
-    digest, so the digest is that of the bytes written. Chunks that hold zeroed
-    ranges are checked against the input (``PassCheck``). With ``cloned_from``
-    the data from that byte on is already in the output (cloned): only the
-    zeroed pieces are written there, the rest is still read and hashed.
+    only. Each input chunk is mapped once (``map_chunks``); the very buffer
+    written (the chunk itself, or its copy with the ranges zeroed) is the one
+    hashed into the output digest, so the digest is that of the bytes written.
+    Writes run in order on a worker thread beside the digests' threads, so on
+    two cores the writes and the digest overlap. Chunks that hold zeroed ranges
+    are checked against the input (``PassCheck``). With ``cloned_from`` the data
+    from that byte on is already in the output (cloned): only the zeroed pieces
+    are written there, the rest is still read and hashed. Without ``hash_input``
+    the input digest is not taken (None): one SHA-256 pass instead of two, the
+    larger part of the pass's CPU (docs/apply.md).
     """
     header, ranges = fp.header, fp.ranges
     base = len(head)
-    h_in, h_out = Hasher(), Hasher()
+    h_in, h_out = Hasher() if hash_input else None, Hasher()
+    writer = ThreadPoolExecutor(max_workers=1)
     flusher = Flusher(dst_fd)
     check = PassCheck()
     try:
-        h_in.submit(read_bytes(src_fd, 0, header.data_start))
+        if h_in is not None:
+            h_in.submit(read_bytes(src_fd, 0, header.data_start))
         if hash_head:
             h_out.submit(head)
         write_at(dst_fd, head, 0)
-        ring = BufferRing()
-        for pos, view, busy in stream_chunks(src_fd, header.data_start, header.data_len, ring):
+        for pos, view, busy in map_chunks(src_fd, header.data_start, header.data_len):
             out = with_zeros(view, pos, ranges)
-            busy.append(h_in.submit(view))
+            if h_in is not None:
+                busy.append(h_in.submit(view))
             busy.append(h_out.submit(out))
             keep = len(out) if cloned_from is None else min(max(cloned_from - pos, 0), len(out))
-            write_pieces(dst_fd, memoryview(out)[:keep], base + pos)
-            for a, b in inside_pieces(pos, len(out), ranges) if keep < len(out) else []:
-                if b > keep:
-                    write_at(dst_fd, memoryview(out)[max(a, keep) : b], base + pos + max(a, keep))
+            pieces = inside_pieces(pos, len(out), ranges) if keep < len(out) else []
+            written = writer.submit(_write_chunk, dst_fd, out, base + pos, keep, pieces)
+            busy.append(written)
             flusher.wrote(len(out))
             if pos == 0:
+                written.result()
                 pause_at("copy-streaming")
             check.chunk(view, out, pos, ranges)
-        ring.drain()
+        writer.shutdown(wait=True)
         check.size_ok = os.fstat(dst_fd).st_size == base + header.data_len
-        return h_in.hexdigest(), h_out.hexdigest(), check
+        return h_in.hexdigest() if h_in is not None else None, h_out.hexdigest(), check
     finally:
+        writer.shutdown(wait=True, cancel_futures=True)
         flusher.finish()
-        h_in.close()
+        if h_in is not None:
+            h_in.close()
         h_out.close()
 
 
 def write_patched_copy(
-    fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: bool = True, clone: bool = True
+    fp: FilePlan, dst: Path, neuron_set_sha256: str, fsync: bool = True, clone: bool = True, hash_input: bool = True
 ) -> WrittenCopy:
     """Write fp.src to dst (a fresh temp path) with new metadata and zeroed rows in one pass; fsync unless told not to.
 
-    The input's and the output's SHA-256 are computed from the very chunks read,
-    and every output chunk is read back and compared with the bytes hashed
-    (``WrittenCopy.check``). With a ``modelspec.hash_sha256`` key the header is
+    The output's SHA-256 (and the input's, with ``hash_input``) is computed from
+    the very chunks mapped and written, and each buffer holding zeroed rows is
+    compared with the input chunk zeroed independently (``WrittenCopy.check``). With a ``modelspec.hash_sha256`` key the header is
     written with a placeholder and rewritten after the pass (same length), so the
     output file's digest is left to verification. Where the filesystem can share
     blocks (reflink) and ``clone`` holds, the data buffer is cloned from the input
     and the header padded to keep the data's block alignment (``copypass.try_clone``);
     only the header and the zeroed rows are then written. dst is removed on any failure;
     ENOSPC becomes one actionable NemoError. Callers that verify before renaming
-    pass ``fsync=False`` and fsync while verifying.
+    pass ``fsync=False`` and fsync while verifying; ``hash_input=False`` skips the
+    input's digest (``sha256_in`` is then None).
     """
     header = fp.header
     has_spec = MODELSPEC_HASH in (header.metadata or {})
@@ -191,7 +209,7 @@ def write_patched_copy(
             dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 used, cloned_from = try_clone(src_fd, dst_fd, header, meta, head) if clone else (head, None)
-                sha_in, sha_out, check = _stream_copy(src_fd, dst_fd, fp, used, not has_spec, cloned_from)
+                sha_in, sha_out, check = _stream_copy(src_fd, dst_fd, fp, used, not has_spec, cloned_from, hash_input)
                 final_meta, final_head, data_sha = meta, used, None
                 if has_spec:
                     data_sha, sha_out = sha_out, None

@@ -11,6 +11,9 @@ from nemo_surgery.atomic import atomic_open, public_mode, write_json
 
 FORMAT = "nemo-surgery.apply-report"
 VERSION = 1
+#: The Markdown line of a patched file whose input digest was not taken (a copy without --input-sha256).
+IN_NOT_TAKEN = ("- SHA-256 in: not computed (`apply --input-sha256` records it, at the cost of a second digest; "
+                "every byte outside the zeroed rows was checked equal to the input's)")
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -33,7 +36,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += [
             f"### `{f['file']}`",
             "",
-            f"- SHA-256 in: `{f['sha256_in']}`",
+            f"- SHA-256 in: `{f['sha256_in']}`" if f["sha256_in"] else IN_NOT_TAKEN,
             f"- SHA-256 out: `{f['sha256_out']}`",
             f"- metadata updated: {f['metadata_updated']}",
             "",

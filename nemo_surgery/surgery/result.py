@@ -65,6 +65,7 @@ class ApplyResult:
     report_json: Path | None = None
     report_md: Path | None = None
     fingerprint: str | None = None  # the checkpoint's weights fingerprint (surgery.fingerprint)
+    input_sha256: bool = True  # whether the inputs' SHA-256 is taken (a copy skips it unless asked: --input-sha256)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +101,7 @@ class ApplyResult:
             "kind": self.kind,
             "layout": self.layout,
             "weights_fingerprint": self.fingerprint,
+            "input_sha256": self.input_sha256,
             "neuron_set": {"path": str(self.neuron_set), "sha256": self.neuron_set_sha256},
             "rows_zeroed": self.rows_zeroed,
             "tensors_patched": sum(len(f.plan.tensors) for f in self.files),

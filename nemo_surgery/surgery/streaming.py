@@ -1,19 +1,24 @@
-"""Bounded-memory streaming helpers: reused chunk buffers, range splitting, SHA-256 on worker threads.
+"""Bounded-memory streaming helpers: mapped or buffered chunks, range splitting, SHA-256 on worker threads.
 
-A file is streamed through a small ring of preallocated buffers (``BufferRing``);
-each ``Hasher`` digests on its own worker thread (hashlib releases the GIL on
-large buffers), so hashing runs on the second core while the main thread reads,
-compares and writes. A ring buffer is handed out again only after every hash
-queued on it finished, which bounds memory to the ring whatever the file size.
+A file is streamed as a few mapped chunks at a time (``map_chunks``: no copy of
+the bytes) or through a small ring of preallocated buffers (``BufferRing``,
+``stream_chunks``); each ``Hasher`` digests on its own worker thread (hashlib
+releases the GIL on large buffers), so hashing runs on the second core while the
+main thread compares and writes. A chunk is unmapped, or its buffer handed out
+again, only after every hash queued on it finished, which bounds memory to a
+few chunks whatever the file size.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
+import mmap
 import os
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,15 +121,84 @@ def stream_chunks(fd: int, start: int, length: int, ring: BufferRing) -> Iterato
         pos += len(view)
 
 
+def map_chunks(fd: int, start: int, length: int, depth: int = RING_DEPTH) -> Iterator[tuple[int, memoryview, list[Future]]]:
+    """Yield (offset relative to start, chunk view, futures list) like ``stream_chunks``, without copying the bytes.
+
+    Each chunk is a read-only mapping of the file (``mmap``): hashing and writing
+    read the page cache directly, which saves the copy into a buffer (about 0.5
+    CPU-s per GB on this project's machine, and as much again in the writes that
+    follow). At most ``depth`` chunks are mapped at a time, each unmapped once the
+    jobs appended to its futures list ended, so the resident memory stays bounded
+    like the ring's. Where the file cannot be mapped (some FUSE or special
+    files), the chunks are read into a ring instead (``stream_chunks``). A file
+    truncated by another program while mapped ends the process with SIGBUS
+    (the input is never written, and a temp output is swept by the next run).
+    """
+    try:
+        probe = mmap.mmap(fd, min(length, mmap.ALLOCATIONGRANULARITY) or 1, prot=mmap.PROT_READ,
+                          offset=start - start % mmap.ALLOCATIONGRANULARITY)
+        probe.close()
+    except (OSError, ValueError):
+        yield from stream_chunks(fd, start, length, BufferRing())
+        return
+    live: deque[tuple[mmap.mmap, memoryview, memoryview, list[Future]]] = deque()
+    try:
+        pos = 0
+        while pos < length:
+            if len(live) == depth:
+                _unmap(live.popleft(), wait_raising=True)
+            n = min(CHUNK, length - pos)
+            offset = start + pos
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(fd, n + offset - base, prot=mmap.PROT_READ, offset=base, flags=_MAP_FLAGS)
+            whole = memoryview(mapped)
+            view, busy = whole[offset - base :], []
+            live.append((mapped, whole, view, busy))
+            yield pos, view, busy
+            pos += n
+        for chunk in live:  # like BufferRing.drain: the first error of a queued job is raised
+            for fut in chunk[3]:
+                fut.result()
+    finally:
+        while live:
+            _unmap(live.popleft(), wait_raising=False)
+
+
+#: mmap flags of map_chunks: shared, and the page tables filled at once where the kernel can (fewer faults).
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _unmap(chunk: tuple[mmap.mmap, memoryview, memoryview, list[Future]], wait_raising: bool) -> None:
+    """Wait for the jobs on a mapped chunk, then release its views and unmap it."""
+    mapped, whole, view, busy = chunk
+    if wait_raising:
+        for fut in busy:
+            fut.result()
+    else:
+        wait(busy)
+    view.release()
+    whole.release()
+    try:
+        mapped.close()
+    except BufferError:  # a caller still holds a slice: the mapping goes when that does
+        pass
+
+
 def segments(chunk_off: int, chunk_len: int, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
     """Yield (start, end, inside) pieces of a chunk split at range borders (chunk-relative).
 
     ``ranges`` are sorted, merged (offset, length) pairs in the same coordinates as chunk_off.
+    The first range that reaches into the chunk is found by bisection: a pass over
+    a file makes one call per chunk, so a scan of every range each time would be
+    quadratic (0.26 s of the main thread for 669 rows in 257 chunks).
     """
     pos = 0
-    for off, length in ranges:
+    first = bisect.bisect_right(ranges, chunk_off, key=lambda r: r[0] + r[1])
+    for off, length in ranges[first:]:
+        if off >= chunk_off + chunk_len:
+            break
         a, b = max(off - chunk_off, 0), min(off + length - chunk_off, chunk_len)
-        if b <= 0 or a >= chunk_len:
+        if b <= 0:
             continue
         if a > pos:
             yield pos, a, False
@@ -145,19 +219,21 @@ def zero_in_buffer(buf: bytearray, pieces: list[tuple[int, int]]) -> None:
         buf[a:b] = bytes(b - a)
 
 
-def comparable(view: memoryview) -> bytes | bytearray:
+def comparable(data: memoryview | bytes | bytearray) -> bytes | bytearray:
     """The chunk as an object whose ``==`` is a memcmp (memoryview ``==`` compares item by item)."""
-    obj = view.obj
-    if isinstance(obj, bytearray) and len(obj) == len(view) and view.contiguous:
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    obj = data.obj
+    if isinstance(obj, bytearray) and len(obj) == len(data) and data.contiguous:
         return obj
-    return bytes(view)
+    return bytes(data)
 
 
-def with_zeros(view: memoryview, chunk_off: int, ranges: list[tuple[int, int]]) -> bytes | bytearray:
-    """The chunk as it must be once the ranges are zero: itself, or a zeroed copy when a range touches it."""
+def with_zeros(view: memoryview, chunk_off: int, ranges: list[tuple[int, int]]) -> memoryview | bytearray:
+    """The chunk as it must be once the ranges are zero: the view itself, or a zeroed copy when a range touches it."""
     pieces = inside_pieces(chunk_off, len(view), ranges)
     if not pieces:
-        return comparable(view)
+        return view
     out = bytearray(view)
     zero_in_buffer(out, pieces)
     return out
@@ -188,15 +264,13 @@ def scan_file(path: Path, data_start: int, ranges: list[tuple[int, int]], prefix
     try:
         advise_sequential(fd)
         size = os.fstat(fd).st_size
-        ring = BufferRing()
         h_file.submit(read_bytes(fd, 0, data_start))
         if h_patched is not None:
             h_patched.submit(prefix)
-        for pos, view, busy in stream_chunks(fd, data_start, size - data_start, ring):
+        for pos, view, busy in map_chunks(fd, data_start, size - data_start):
             busy.append(h_file.submit(view))
             if h_patched is not None:
                 busy.append(h_patched.submit(with_zeros(view, pos, ranges)))
-        ring.drain()
         return DataScan(h_file.hexdigest(), h_patched.hexdigest() if h_patched is not None else None)
     finally:
         os.close(fd)

@@ -129,7 +129,7 @@ def compare_files(
             if h_out is not None:
                 busy.append(h_out.submit(out_view))
             reading.result()
-            if with_zeros(in_view, pos, ranges) != comparable(out_view):
+            if comparable(with_zeros(in_view, pos, ranges)) != comparable(out_view):
                 chunk_zero, chunk_first = _classify(in_view, out_view, pos, ranges)
                 zero = zero and chunk_zero
                 diffs += [chunk_first] if chunk_first is not None else []
