@@ -285,3 +285,29 @@ def test_map_chunks_yields_the_file_and_keeps_few_chunks_mapped(tmp_path: Path, 
         assert len(views) == 10 and kinds == {mmap_module.mmap if mappable else bytearray}
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("mappable", [True, False])
+def test_map_chunks_raises_the_error_of_a_job_on_its_last_chunk(tmp_path: Path, monkeypatch, mappable: bool) -> None:
+    """A failed job (a write, a digest) queued on the last chunk surfaces when the iteration ends, mapped or read."""
+    from concurrent.futures import Future
+
+    from nemo_surgery.surgery import streaming
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(50_000))
+    monkeypatch.setattr(streaming, "CHUNK", 10_000)
+    if not mappable:
+        def refuse(*args, **kwargs):
+            raise OSError(19, "No such device")
+        monkeypatch.setattr(streaming.mmap, "mmap", refuse)
+    failed: Future = Future()
+    failed.set_exception(OSError(28, "No space left on device"))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            for pos, _view, busy in streaming.map_chunks(fd, 0, 50_000):
+                if pos == 40_000:
+                    busy.append(failed)
+    finally:
+        os.close(fd)

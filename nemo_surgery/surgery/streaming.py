@@ -139,7 +139,9 @@ def map_chunks(fd: int, start: int, length: int, depth: int = RING_DEPTH) -> Ite
                           offset=start - start % mmap.ALLOCATIONGRANULARITY)
         probe.close()
     except (OSError, ValueError):
-        yield from stream_chunks(fd, start, length, BufferRing())
+        ring = BufferRing()
+        yield from stream_chunks(fd, start, length, ring)
+        ring.drain()  # like the mapped path: the first error of a queued job is raised
         return
     live: deque[tuple[mmap.mmap, memoryview, memoryview, list[Future]]] = deque()
     try:
