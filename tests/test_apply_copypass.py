@@ -311,3 +311,20 @@ def test_map_chunks_raises_the_error_of_a_job_on_its_last_chunk(tmp_path: Path, 
                     busy.append(failed)
     finally:
         os.close(fd)
+
+
+def test_map_chunks_fails_like_a_read_when_the_file_shrinks(tmp_path: Path, monkeypatch) -> None:
+    """A file truncated between chunks raises OSError (EIO) before the next mapping, never SIGBUS."""
+    from nemo_surgery.surgery import streaming
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(50_000))
+    monkeypatch.setattr(streaming, "CHUNK", 10_000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="file ended early"):
+            for pos, _view, _busy in streaming.map_chunks(fd, 0, 50_000):
+                if pos == 10_000:
+                    os.truncate(path, 25_000)
+    finally:
+        os.close(fd)

@@ -131,8 +131,10 @@ def map_chunks(fd: int, start: int, length: int, depth: int = RING_DEPTH) -> Ite
     jobs appended to its futures list ended, so the resident memory stays bounded
     like the ring's. Where the file cannot be mapped (some FUSE or special
     files), the chunks are read into a ring instead (``stream_chunks``). A file
-    truncated by another program while mapped ends the process with SIGBUS
-    (the input is never written, and a temp output is swept by the next run).
+    found shorter than planned before a chunk is mapped raises OSError(EIO) like
+    a read; one truncated by another program in the milliseconds a chunk is in
+    use ends the process with SIGBUS (the input is never written, and a temp
+    output is swept by the next run).
     """
     try:
         probe = mmap.mmap(fd, min(length, mmap.ALLOCATIONGRANULARITY) or 1, prot=mmap.PROT_READ,
@@ -151,6 +153,8 @@ def map_chunks(fd: int, start: int, length: int, depth: int = RING_DEPTH) -> Ite
                 _unmap(live.popleft(), wait_raising=True)
             n = min(CHUNK, length - pos)
             offset = start + pos
+            if os.fstat(fd).st_size < offset + n:  # shrunk under us: fail like a read, not by SIGBUS on the mapping
+                raise OSError(errno.EIO, "file ended early")
             base = offset - offset % mmap.ALLOCATIONGRANULARITY
             mapped = mmap.mmap(fd, n + offset - base, prot=mmap.PROT_READ, offset=base, flags=_MAP_FLAGS)
             whole = memoryview(mapped)
