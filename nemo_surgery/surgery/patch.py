@@ -1,12 +1,12 @@
 """Byte-level patching: copy a safetensors file with a new header and zeroed rows, or zero in place.
 
-Tensor bytes are never decoded. A copy is one pass over the input through a
-small ring of buffers: each chunk is read once, hashed as read (input SHA-256),
-the planned ranges are zeroed in a copy of the chunks that hold them, and the
-buffer written is the one hashed into the output SHA-256 (digests on worker
-threads, write-back started early by ``Flusher``); chunks holding zeroed ranges
-are checked against the input as written (``copypass.PassCheck``). Why a
-read/write pass and not ``copy_file_range``: docs/apply.md. In place, only the
+Tensor bytes are never decoded. A copy is one pass over the input, mapped a
+few chunks at a time (``streaming.map_chunks``): the planned ranges are zeroed
+in a copy of the chunks that hold them, and the buffer written is the one
+hashed into the output SHA-256 (the input's too when asked; digests and writes
+on worker threads, write-back started early by ``Flusher``); chunks holding
+zeroed ranges are checked against the input as written (``copypass.PassCheck``).
+Why this pass and not ``copy_file_range``: docs/apply.md. In place, only the
 ranges (and the header, when the new one fits) are written, after one pass that
 hashes the input and predicts the output's SHA-256. Memory is a few bounded
 chunks, independent of the checkpoint size.
