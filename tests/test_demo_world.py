@@ -201,3 +201,17 @@ def test_ship_stores_floats_in_fp16_and_keeps_the_rest(tmp_path):
         assert f.get_tensor("w").dtype == torch.float16 and f.get_tensor("ids").dtype == torch.int64
         torch.testing.assert_close(f.get_tensor("w").float(), w, atol=2e-3, rtol=1e-3)
     assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == ["w.safetensors"]  # no temp file left
+
+
+def test_probe_shapes_counts_every_sample_once_on_the_shipped_model():
+    """The shape probe reads each sample once (a row per prompt shape) and reports a share per strength."""
+    from nemo_surgery.demo.paths import DEMO_MODEL_DIR
+    from tools.demo_model import probe_shapes
+    from tools.demo_model.evaluate import load_pipeline
+
+    pipe = load_pipeline(DEMO_MODEL_DIR)
+    scenes = probe_shapes.single_shape_scenes(1)
+    table = probe_shapes.confusion(pipe, scenes, seeds=(0,), steps=5)
+    assert list(table) == list(world.SHAPES) and all(sum(row.values()) == 1 for row in table.values())
+    kept = probe_shapes.kept_after_img2img(pipe, scenes, strengths=(0.2,), steps=10)
+    assert list(kept) == ["0.2"] and kept["0.2"] >= 0.8  # a light noising keeps the drawn shape
