@@ -80,13 +80,17 @@ class BufferRing:
             busy.clear()
 
 
+#: The message of a file found shorter than its header says while it is streamed (another program changed it).
+ENDED_EARLY = "the file ended before its header says it does (was it changed while being read?)"
+
+
 def read_exact(fd: int, view: memoryview, offset: int) -> None:
     """Fill view from fd at offset; OSError(EIO) when the file ends early."""
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise OSError(errno.EIO, "file ended early")
+            raise OSError(errno.EIO, ENDED_EARLY)
         done += n
 
 
@@ -154,7 +158,7 @@ def map_chunks(fd: int, start: int, length: int, depth: int = RING_DEPTH) -> Ite
             n = min(CHUNK, length - pos)
             offset = start + pos
             if os.fstat(fd).st_size < offset + n:  # shrunk under us: fail like a read, not by SIGBUS on the mapping
-                raise OSError(errno.EIO, "file ended early")
+                raise OSError(errno.EIO, ENDED_EARLY)
             base = offset - offset % mmap.ALLOCATIONGRANULARITY
             mapped = mmap.mmap(fd, n + offset - base, prot=mmap.PROT_READ, offset=base, flags=_MAP_FLAGS)
             whole = memoryview(mapped)
