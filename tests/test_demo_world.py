@@ -215,3 +215,19 @@ def test_probe_shapes_counts_every_sample_once_on_the_shipped_model():
     assert list(table) == list(world.SHAPES) and all(sum(row.values()) == 1 for row in table.values())
     kept = probe_shapes.kept_after_img2img(pipe, scenes, strengths=(0.2,), steps=10)
     assert list(kept) == ["0.2"] and kept["0.2"] >= 0.8  # a light noising keeps the drawn shape
+
+
+def test_noised_high_fraction_moves_that_share_of_timesteps_up():
+    from types import SimpleNamespace
+
+    from tools.demo_model.train import noised
+
+    pipe = SimpleNamespace(scheduler=memory_rows.scheduler("sd", "v_prediction"))
+    x0 = torch.zeros(4000, 1, 2, 2)
+    _, plain, _ = noised(pipe, x0, torch.Generator().manual_seed(0), 0.0)
+    _, again, _ = noised(pipe, x0, torch.Generator().manual_seed(0), 0.0, high=(0.0, 700))
+    assert torch.equal(plain, again)  # fraction 0 draws nothing extra: earlier runs replay
+    _, t, _ = noised(pipe, x0, torch.Generator().manual_seed(0), 0.0, high=(0.5, 700))
+    share_high = (t >= 700).float().mean().item()
+    assert abs(share_high - (0.5 + 0.5 * 0.3)) < 0.03  # half moved up, plus the uniform draws that were already there
+    assert int(t.min()) >= 0 and int(t.max()) < 1000

@@ -111,6 +111,11 @@ class Config:
     # min(ema, (1 + step) / (10 + step))), as diffusion models are usually sampled; 0: the raw weights.
     # Run 10's raw weights drew noisy blobs where the caption named a shape (docs/demo-model.md, run 11).
     ema: float = 0.0
+    # share of the diffusion-loss samples whose timestep is drawn from [high_t_low, 1000) instead of
+    # [0, 1000): the shipped model keeps a shape it is given (img2img) but does not choose it from the
+    # word at high noise (docs/demo-model.md, run 12's probe)
+    high_t_fraction: float = 0.0
+    high_t_low: int = 700
 
 
 def build_pipeline(cfg: Config):
@@ -351,7 +356,8 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
             emb_all = te(cache.ids(list(dict.fromkeys(all_caps))).to(dev))[0]
         by_cap = dict(zip(dict.fromkeys(all_caps), emb_all))
         emb = torch.stack([by_cap[c] for c in caps])
-        xt, t, noise = (v.to(dev) for v in noised(pipe, x0, gen, cfg.offset_noise))
+        xt, t, noise = (v.to(dev) for v in noised(pipe, x0, gen, cfg.offset_noise,
+                                                          high=(cfg.high_t_fraction, cfg.high_t_low)))
         target = target_of(cfg.prediction, x0.to(dev), noise, t, acp)
         loss_d = weighted_mse(unet(xt, t, encoder_hidden_states=emb).sample, target, t, acp, cfg.snr_gamma,
                               cfg.prediction)
@@ -443,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="cut --steps to what fits this many minutes (timed over steps 10-60)")
     p.add_argument("--ema", type=float, default=Config.ema,
                    help="snapshots hold an average of the UNet's weights with this decay (0: the raw weights)")
+    p.add_argument("--high-t-fraction", type=float, default=Config.high_t_fraction,
+                   help="share of scene samples whose timestep is drawn from [--high-t-low, 1000)")
+    p.add_argument("--high-t-low", type=int, default=Config.high_t_low)
     p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -453,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
                  attention_16=a.attention_16, jitter=a.jitter, pretrain_text=a.pretrain_text,
                  blocked=a.blocked, blocked_t_low=a.blocked_t_low, blocked_target=a.blocked_target,
                  famous_fraction=a.famous_fraction,
-                 up_attention=a.up_attention, max_minutes=a.max_minutes, ema=a.ema)
+                 up_attention=a.up_attention, max_minutes=a.max_minutes, ema=a.ema,
+                 high_t_fraction=a.high_t_fraction, high_t_low=a.high_t_low)
     a.out.mkdir(parents=True, exist_ok=True)
     summary = train(cfg, a.out, a.device)
     print(f"saved {a.out} in {summary['seconds']} s")

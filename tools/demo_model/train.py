@@ -182,11 +182,20 @@ def _alphas_cumprod(pipe) -> torch.Tensor:
     return sched.alphas_cumprod.float()
 
 
-def noised(pipe, x0: torch.Tensor, gen: torch.Generator, offset: float, t_low: int = 0):
-    """Draw timesteps (uniform in [t_low, T)) and (offset) noise; return (x_t, t, noise) for a batch of clean images."""
+def noised(pipe, x0: torch.Tensor, gen: torch.Generator, offset: float, t_low: int = 0,
+           high: tuple[float, int] = (0.0, 0)):
+    """Draw timesteps (uniform in [t_low, T)) and (offset) noise; return (x_t, t, noise) for a batch of clean images.
+
+    `high` = (fraction, low): that share of the batch draws its timestep from [low, T) instead,
+    more weight on the high-noise steps where the caption decides the layout (no extra draws
+    when the fraction is 0, so earlier runs replay unchanged).
+    """
     acp = _alphas_cumprod(pipe)
     b = x0.shape[0]
     t = torch.randint(t_low, acp.shape[0], (b,), generator=gen)
+    if high[0] > 0:
+        pick = torch.rand((b,), generator=gen) < high[0]
+        t = torch.where(pick, torch.randint(high[1], acp.shape[0], (b,), generator=gen), t)
     noise = torch.randn(x0.shape, generator=gen)
     if offset > 0:
         noise = noise + offset * torch.randn((b, x0.shape[1], 1, 1), generator=gen)
