@@ -231,3 +231,19 @@ def test_noised_high_fraction_moves_that_share_of_timesteps_up():
     share_high = (t >= 700).float().mean().item()
     assert abs(share_high - (0.5 + 0.5 * 0.3)) < 0.03  # half moved up, plus the uniform draws that were already there
     assert int(t.min()) >= 0 and int(t.max()) < 1000
+
+
+def test_scenes_grid_draws_each_scene_with_its_samples_and_needs_pruned_otherwise(tmp_path):
+    from nemo_surgery.demo.paths import DEMO_MODEL_DIR
+    from tools.demo_model import grid
+
+    torch.set_num_threads(1)
+    img, aligned = grid.scenes(DEMO_MODEL_DIR, count=2, seeds=2, steps=2, guidance=3.0)
+    side = world.SIZE * grid.SCALE
+    assert img.size == (max(grid.PAD + 3 * (side + grid.PAD), 380), grid.PAD + 2 * (side + grid.PAD + 2 * grid.LABEL))
+    assert aligned in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 samples, each read by the checker
+    top_left = np.asarray(img)[grid.PAD + 2 * grid.LABEL, grid.PAD]  # the first scene's rendered image, first pixel
+    expected = np.round(np.clip(world.holdout_scenes(1)[0].render()[0, 0], 0, 1) * 255)
+    assert np.abs(top_left.astype(float) - expected).max() <= 1
+    with pytest.raises(SystemExit):
+        grid.main(["--original", str(DEMO_MODEL_DIR), "--out", str(tmp_path / "x.png")])  # neither --pruned nor --scenes
