@@ -111,9 +111,9 @@ class Config:
     # min(ema, (1 + step) / (10 + step))), as diffusion models are usually sampled; 0: the raw weights.
     # Run 10's raw weights drew noisy blobs where the caption named a shape (docs/demo-model.md, run 11).
     ema: float = 0.0
-    # share of the diffusion-loss samples whose timestep is drawn from [high_t_low, 1000) instead of
-    # [0, 1000): the shipped model keeps a shape it is given (img2img) but does not choose it from the
-    # word at high noise (docs/demo-model.md, run 12's probe)
+    # share of the diffusion-loss samples (scenes and photos) whose timestep is drawn from [high_t_low, 1000)
+    # instead of [0, 1000): run 12 kept a shape it was given (img2img) but did not choose it from the word at
+    # high noise. In stop 13's GPU runs it gained nothing beyond noise; the batch size did (docs/demo-model.md)
     high_t_fraction: float = 0.0
     high_t_low: int = 700
 
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=Config.ema,
                    help="snapshots hold an average of the UNet's weights with this decay (0: the raw weights)")
     p.add_argument("--high-t-fraction", type=float, default=Config.high_t_fraction,
-                   help="share of scene samples whose timestep is drawn from [--high-t-low, 1000)")
+                   help="share of the diffusion-loss samples whose timestep is drawn from [--high-t-low, 1000)")
     p.add_argument("--high-t-low", type=int, default=Config.high_t_low)
     p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
     p.add_argument("--threads", type=int, default=1)
