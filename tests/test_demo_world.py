@@ -224,9 +224,11 @@ def test_noised_high_fraction_moves_that_share_of_timesteps_up():
 
     pipe = SimpleNamespace(scheduler=memory_rows.scheduler("sd", "v_prediction"))
     x0 = torch.zeros(4000, 1, 2, 2)
-    _, plain, _ = noised(pipe, x0, torch.Generator().manual_seed(0), 0.0)
-    _, again, _ = noised(pipe, x0, torch.Generator().manual_seed(0), 0.0, high=(0.0, 700))
-    assert torch.equal(plain, again)  # fraction 0 draws nothing extra: earlier runs replay
+    # fraction 0 draws nothing extra: the stream is the one earlier runs drew (timesteps, then noise)
+    ref = torch.Generator().manual_seed(0)
+    t_ref, noise_ref = torch.randint(0, 1000, (4000,), generator=ref), torch.randn(x0.shape, generator=ref)
+    _, t0, noise0 = noised(pipe, x0, torch.Generator().manual_seed(0), 0.0, high=(0.0, 700))
+    assert torch.equal(t0, t_ref) and torch.equal(noise0, noise_ref)
     _, t, _ = noised(pipe, x0, torch.Generator().manual_seed(0), 0.0, high=(0.5, 700))
     share_high = (t >= 700).float().mean().item()
     assert abs(share_high - (0.5 + 0.5 * 0.3)) < 0.03  # half moved up, plus the uniform draws that were already there
