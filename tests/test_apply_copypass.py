@@ -255,6 +255,18 @@ def test_reflink_clones_the_data_and_keeps_the_input(tmp_path: Path, metadata) -
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _small_chunks(monkeypatch, mappable: bool) -> None:
+    """10 kB chunks; with ``mappable`` false every mmap fails as on a filesystem that cannot map (ENODEV)."""
+    from nemo_surgery.surgery import streaming
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(streaming, "CHUNK", 10_000)
+    if not mappable:
+        monkeypatch.setattr(streaming.mmap, "mmap", refuse)
+
+
 @pytest.mark.parametrize("mappable", [True, False])
 def test_map_chunks_yields_the_file_and_keeps_few_chunks_mapped(tmp_path: Path, monkeypatch, mappable: bool) -> None:
     """Chunks (unaligned size and start) are the file's bytes; at most `depth` stay mapped; unmappable files are read."""
@@ -265,11 +277,7 @@ def test_map_chunks_yields_the_file_and_keeps_few_chunks_mapped(tmp_path: Path, 
     data = os.urandom(100_003)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    monkeypatch.setattr(streaming, "CHUNK", 10_000)
-    if not mappable:
-        def refuse(*args, **kwargs):
-            raise OSError(19, "No such device")
-        monkeypatch.setattr(streaming.mmap, "mmap", refuse)
+    _small_chunks(monkeypatch, mappable)
     fd = os.open(path, os.O_RDONLY)
     try:
         got, views, kinds = bytearray(), [], set()
@@ -296,11 +304,7 @@ def test_map_chunks_raises_the_error_of_a_job_on_its_last_chunk(tmp_path: Path, 
 
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(50_000))
-    monkeypatch.setattr(streaming, "CHUNK", 10_000)
-    if not mappable:
-        def refuse(*args, **kwargs):
-            raise OSError(19, "No such device")
-        monkeypatch.setattr(streaming.mmap, "mmap", refuse)
+    _small_chunks(monkeypatch, mappable)
     failed: Future = Future()
     failed.set_exception(OSError(28, "No space left on device"))
     fd = os.open(path, os.O_RDONLY)
