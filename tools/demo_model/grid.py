@@ -21,6 +21,8 @@ from tools.demo_model.measure import load, samples, ssim
 SCALE = 3
 PAD = 4
 LABEL = 14
+#: Narrowest scenes picture: room for a caption line and the checker's verdicts beside 2 or 3 tiles.
+MIN_WIDTH = 380
 
 
 def _tile(img: np.ndarray) -> np.ndarray:
@@ -62,7 +64,7 @@ def scenes(model: Path, count: int, seeds: int, steps: int, guidance: float):
     side = world.SIZE * SCALE
     width = PAD + (seeds + 1) * (side + PAD)
     chosen = world.holdout_scenes(count)
-    canvas = Image.new("RGB", (max(width, 380), PAD + count * (side + PAD + 2 * LABEL)), "white")
+    canvas = Image.new("RGB", (max(width, MIN_WIDTH), PAD + count * (side + PAD + 2 * LABEL)), "white")
     draw = ImageDraw.Draw(canvas)
     ok = []
     for r, scene in enumerate(chosen):
