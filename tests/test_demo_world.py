@@ -178,7 +178,9 @@ def test_text_pretraining_makes_the_colour_words_bound_and_salient():
         return float((h[0, tail] - h[1, tail]).norm(dim=-1).mean() / h[0, tail].norm(dim=-1).mean())
 
     before = tail_gap()
-    acc = text_pretrain.pretrain(te, tok, steps=60, batch=64, seed=0)
+    # 60 steps sat on the edge where the background head jumps from 0.5 to 1.0 (0.498 in CI);
+    # at 100 steps seeds 0, 1 and 2 all reach 1.0 on every head.
+    acc = text_pretrain.pretrain(te, tok, steps=100, batch=64, seed=0)
     after = tail_gap()
     assert before < 0.1 and after > 3 * before, (before, after)
     assert acc["background"] > 0.5 and acc["colour"] > 0.5, acc  # chance: 1/6
