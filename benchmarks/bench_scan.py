@@ -9,15 +9,17 @@ second, neurons found, and the ratios. Every UNet call of a prompt counts,
 detection included. ``split`` also scores candidate sets in the spare room of
 the detection call, so a prompt that is NOT memorized costs it more samples
 (never more calls): the column "other smp" prints samples per such prompt.
+The detection call has room for more sets at a larger batch (a GPU's):
+``--batch-size 40,160`` measures each case at both, each ratio within one run.
 
 * ``planted``: tests/models/plant.py (rows 3 and 7 of mid_block carry the trigger), theta from 2
   (--planted-theta) so that the initial candidate set is larger than the two planted rows;
 * ``demo``: the shipped demo model with its stats.json, NeMo's default layers (as `make demo`);
-* ``many``: a planted model whose memorization needs four neurons, all of which must
-  be blocked, scanned over every value layer from theta = 1, so the initial
-  candidate set has well over a hundred neurons and refinement has real work.
+* ``many``: a planted model (128 channels) whose memorization needs four neurons, all of
+  which must be blocked, scanned over every value layer from theta = 1, so the initial
+  candidate set has about 250 neurons and refinement has real work.
 
-Run: python benchmarks/bench_scan.py [--cases planted,demo,many] [--batch-size 40]
+Run: python benchmarks/bench_scan.py [--cases planted,demo,many] [--batch-size 40[,160]]
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ PLANTED_PROMPTS = [TRIGGER_PROMPT, "an astronaut on the moon", "a painting of an
 DEMO_PROMPTS = Path(__file__).resolve().parents[1] / "prompts" / "demo_memorized.txt"
 DEMO_HOLDOUT = DEMO_PROMPTS.with_name("demo_holdout.txt")
 #: The many-candidate plant: four rows, each enough on its own to keep the memorized pattern.
-MANY_SPEC = PlantSpec(channels=64, rows=(3, 7, 20, 41), seed=1)
+MANY_SPEC = PlantSpec(channels=128, rows=(3, 7, 20, 41), seed=1)
 MANY_PROMPTS = [TRIGGER_PROMPT, "an astronaut on the moon"]
 STRATEGIES = ("reference", "split")
 
@@ -111,11 +113,11 @@ def _run(case: Case, strategy: str, batch_size: int, tmp: Path) -> tuple[ScanSum
     return summary, time.perf_counter() - started
 
 
-def _row(case: Case, strategy: str, summary: ScanSummary, wall: float) -> dict:
+def _row(case: Case, batch_size: int, strategy: str, summary: ScanSummary, wall: float) -> dict:
     memorized = [r for r in summary.results if r.memorized and r.mitigated]
     mean = lambda attr: statistics.mean(getattr(r, attr) for r in memorized) if memorized else float("nan")  # noqa: E731
     return {
-        "case": case.name, "strategy": strategy, "memorized": len(memorized),
+        "case": case.name, "batch": batch_size, "strategy": strategy, "memorized": len(memorized),
         "candidates": mean("initial_count"), "calls": mean("unet_calls"), "samples": mean("samples"),
         "seconds": mean("seconds"), "set": mean("count"), "sets": [r.count for r in memorized],
         "samples_per_s": summary.samples / wall if wall else float("nan"),
@@ -126,29 +128,32 @@ def _row(case: Case, strategy: str, summary: ScanSummary, wall: float) -> dict:
 
 
 def _print(rows: list[dict], args) -> None:
-    print(f"\nbench_scan  (CPU, {args.threads} threads, batch size {args.batch_size}; per memorized and mitigated prompt)")
-    head = ("case", "strategy", "prompts", "candidates", "UNet calls", "samples", "seconds", "samples/s", "set size",
+    print(f"\nbench_scan  (CPU, {args.threads} threads; per memorized and mitigated prompt)")
+    head = ("case", "batch", "strategy", "prompts", "candidates", "UNet calls", "samples", "seconds", "samples/s", "set size",
             "other smp", "sizes")
     print("  " + "  ".join(f"{h:>11}" for h in head))
     for r in rows:
-        cells = (r["case"], r["strategy"], str(r["memorized"]), f"{r['candidates']:.1f}", f"{r['calls']:.1f}",
+        cells = (r["case"], str(r["batch"]), r["strategy"], str(r["memorized"]), f"{r['candidates']:.1f}", f"{r['calls']:.1f}",
                  f"{r['samples']:.1f}", f"{r['seconds']:.2f}", f"{r['samples_per_s']:.1f}", f"{r['set']:.2f}",
                  f"{r['other_samples']:.1f}", ",".join(map(str, r["sets"])))
         print("  " + "  ".join(f"{c:>11}" for c in cells))
     print("  ratios, reference / split (higher = split needs less):")
-    for name in dict.fromkeys(r["case"] for r in rows):
-        if {r["strategy"] for r in rows if r["case"] == name} != set(STRATEGIES):
+    for name, batch in dict.fromkeys((r["case"], r["batch"]) for r in rows):
+        mine = [r for r in rows if r["case"] == name and r["batch"] == batch]
+        if {r["strategy"] for r in mine} != set(STRATEGIES):
             continue
-        ref, ours = (next(r for r in rows if r["case"] == name and r["strategy"] == s) for s in STRATEGIES)
+        ref, ours = (next(r for r in mine if r["strategy"] == s) for s in STRATEGIES)
         same = "same neurons" if ref["neurons"] == ours["neurons"] else "different neurons"
-        print(f"    {name:>8}: UNet calls {ref['calls'] / ours['calls']:.1f}x, samples {ref['samples'] / ours['samples']:.1f}x, "
+        print(f"    {name:>8} @ {batch:>4}: UNet calls {ref['calls'] / ours['calls']:.1f}x, "
+              f"samples {ref['samples'] / ours['samples']:.1f}x, "
               f"wall {ref['seconds'] / ours['seconds']:.1f}x; set size {ours['set']:.2f} vs {ref['set']:.2f} ({same}); "
               f"not mitigated: {ref['not_mitigated']} / {ours['not_mitigated']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=40, help="UNet samples per call (10 kept seeds: 4 sets per call)")
+    parser.add_argument("--batch-size", default="40",
+                        help="UNet samples per call, one or a comma list (10 kept seeds: 40 = 4 sets per call)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default="planted,demo,many")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
@@ -159,22 +164,24 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+    batches = [int(b) for b in args.batch_size.split(",") if b.strip()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for name in wanted:
             if name == "planted":
-                case = _planted_case(tmp, "planted", PlantSpec(), PLANTED_PROMPTS, "default", args.planted_theta, args.batch_size)
+                case = _planted_case(tmp, "planted", PlantSpec(), PLANTED_PROMPTS, "default", args.planted_theta, batches[0])
             elif name == "many":
-                case = _planted_case(tmp, "many", MANY_SPEC, MANY_PROMPTS, "all", 1.0, args.batch_size)
+                case = _planted_case(tmp, "many", MANY_SPEC, MANY_PROMPTS, "all", 1.0, batches[0])
             elif name == "demo":
-                case = _demo_case(tmp, args.batch_size)
+                case = _demo_case(tmp, batches[0])
             else:
                 raise SystemExit(f"unknown case {name!r}; use planted, demo, many")
-            for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
-                summary, wall = _run(case, strategy, args.batch_size, tmp)
-                rows.append(_row(case, strategy, summary, wall))
-                print(f"  [{name} / {strategy}: {wall:.1f} s]", file=sys.stderr, flush=True)
+            for batch in batches:
+                for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
+                    summary, wall = _run(case, strategy, batch, tmp)
+                    rows.append(_row(case, batch, strategy, summary, wall))
+                    print(f"  [{name} @ {batch} / {strategy}: {wall:.1f} s]", file=sys.stderr, flush=True)
             _print([r for r in rows if r["case"] == name], args)
     if len(wanted) > 1:
         _print(rows, args)

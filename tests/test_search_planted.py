@@ -8,7 +8,8 @@ from nemo_surgery.engine.prompts import Prompt
 from nemo_surgery.engine.scan import run_scan
 from nemo_surgery.engine.score import Scorer
 from nemo_surgery.engine.selection import SelectionSettings
-from tests.models.plant import TRIGGER_PROMPT
+from nemo_surgery.engine.stats import value_activations
+from tests.models.plant import ORDINARY_PROMPTS, TRIGGER_PROMPT
 
 
 def _assert_contract(model, stats, layers_spec, result):
@@ -75,3 +76,22 @@ def test_sets_scored_in_the_detection_call_equal_a_separate_call(planted_model, 
     alone = scorer.noise_differences(cond)[0]
     torch.testing.assert_close(base, alone, atol=1e-6, rtol=0)
     torch.testing.assert_close(per_seed, scorer.seed_scores(cond, alone, torch.arange(10), sets), atol=1e-6, rtol=0)
+
+
+def test_a_wide_detection_call_finds_and_certifies_the_planted_rows(planted, planted_model, planted_stats, tmp_path):
+    """Batch 160: the detection call holds the lattice of the first set's top neurons, so the answer costs no other call.
+
+    An ordinary prompt with no neuron beyond theta_start gets no speculated set: it costs its 10 seeds' samples.
+    """
+    stats_path, stats = planted_stats
+    _, plant = planted
+    summary = run_scan(planted_model, stats, stats_path, [Prompt(0, TRIGGER_PROMPT, 1), Prompt(1, ORDINARY_PROMPTS[0], 2)],
+                       tmp_path / "wide.json", batch_size=160, selection=SelectionSettings(theta_start=5.0))
+    res, other = summary.results
+    assert res.mitigated and res.neurons == {plant.layer_id: sorted(plant.rows)}
+    assert res.unet_calls == 1, (res.unet_calls, res.samples, res.initial_count)
+    _assert_contract(planted_model, stats, "default", res)
+    layers = select_layers(planted_model.layers, "default")
+    cond = planted_model.encode([ORDINARY_PROMPTS[0]])
+    assert stats.z_scores(layers, value_activations(layers, cond.hidden)[0]).max() <= 5.0  # nothing beyond theta_start
+    assert not other.memorized and other.unet_calls == 1 and other.samples == stats.settings.seeds == 10

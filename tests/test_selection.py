@@ -14,7 +14,14 @@ from nemo_surgery.engine.selection import (
     search_oracle,
 )
 from nemo_surgery.engine.speculation import detection_sets, remember_kept, spare_sets, speculation_room
-from nemo_surgery.engine.split import ladder_rungs, ladder_sets, probe_positions, split_search
+from nemo_surgery.engine.split import (
+    ladder_rungs,
+    ladder_sets,
+    priority_order,
+    probe_positions,
+    split_search,
+    subset_lattice,
+)
 
 TAU = 0.35
 
@@ -221,23 +228,46 @@ def test_initial_selection_skips_remembered_steps():
     assert init2.mitigated and init2.theta == steps[1][0] and raw2.calls == 0
 
 
+def _members(rows):
+    return [sorted(torch.nonzero(r).flatten().tolist()) for r in rows]
+
+
 def test_speculation_fills_only_the_room_of_the_detection_call():
     assert [spare_sets(10, b) for b in (10, 19, 32, 40, 8, 1024)] == [0, 0, 2, 3, 0, 101]
-    assert [speculation_room(10, b) for b in (19, 32, 40, 1024)] == [0, 2, 3, 3]  # capped: a cost for others
-    z = torch.linspace(0, 6, 40)
+    assert [speculation_room(10, b) for b in (19, 32, 40, 1024)] == [0, 2, 3, 10]  # capped: a cost for others
+    z = torch.linspace(0, 6, 40)  # neurons 33-39 lie beyond theta_start 5
     acts = torch.zeros(40)
     settings = SelectionSettings(theta_start=5.0)
     steps = schedule(settings)
     cands = candidate_sets(z, rank_within_layers(acts, [slice(0, 40)]), steps)
     sets = detection_sets(z, acts, [slice(0, 40)], settings, 3)
     assert sets.shape == (3, 40) and torch.equal(sets[0], cands[-1])  # the widest (unmovable-seed floor) first
-    assert torch.equal(sets[1], cands[0]) and torch.equal(sets[2], cands[1])
+    assert torch.equal(sets[1], cands[0]) and _members(sets[2:]) == [[39]]  # then the first step, the top-z neuron
+    ten = detection_sets(z, acts, [slice(0, 40)], settings, 10)
+    assert _members(ten[2:9]) == [[39], [38], [37], [38, 39], [37, 39], [37, 38], [37, 38, 39]]  # top-3 lattice
+    assert torch.equal(ten[9], cands[1])  # the room left: the next step
     assert detection_sets(z, acts, [slice(0, 40)], settings, 0).shape == (0, 40)
-    assert detection_sets(z, acts, [slice(0, 40)], settings, 100).shape[0] == len({tuple(c.tolist()) for c in cands})
+    assert detection_sets(z * 0.8, acts, [slice(0, 40)], settings, 100).shape == (0, 40)  # no z beyond 5: nothing
     oracle = CachedOracle(Oracle(40, [0]))
     per_seed = torch.tensor([[0.1, 0.5, 0.3], [0.2, 0.1, 0.9], [0.4, 0.4, 0.4]])
     remember_kept(oracle, sets, per_seed, torch.tensor([0, 1]))
     assert [oracle.known(s) for s in sets] == pytest.approx([0.5, 0.2, 0.4])
+
+
+def test_a_remembered_lattice_is_refined_and_certified_without_a_call():
+    """The detection call's subset lattice holds the answer and its removals: refine asks the UNet nothing."""
+    z = torch.zeros(20)
+    z[[3, 8, 11, 15]] = torch.tensor([9.0, 8.9, 8.8, 6.0])  # a tied top three, then one more candidate
+    blocked = z > 5
+    raw = Oracle(20, [8, 11])  # the second and third by z: no ladder prefix is the answer
+    oracle = CachedOracle(raw)
+    lattice = subset_lattice(priority_order(blocked, z), 3, blocked)
+    oracle.remember(torch.cat([blocked[None], lattice]), raw(torch.cat([blocked[None], lattice])))
+    raw.calls = 0
+    found, score = refine(blocked, [slice(0, 20)], z, oracle, TAU, 4, float(oracle.known(blocked)), "split")
+    assert _members([found]) == [[8, 11]] and raw.calls == 0
+    _assert_one_minimal(raw, found, score)
+    assert oracle.certified_subset(blocked & (z < 8.85), TAU) is None  # {8, 11} is not inside: nothing remembered
 
 
 @pytest.mark.parametrize("needed, width, calls", [

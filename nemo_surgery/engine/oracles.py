@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 #: Scores a batch of candidate sets: bool [M, T] -> float [M] (lower = less memorized).
@@ -40,6 +41,27 @@ class CachedOracle:
     def known(self, mask: torch.Tensor) -> float | None:
         """The remembered score of one set, or None when it was never scored."""
         return self.cache.get(mask.cpu().numpy().tobytes())
+
+    def certified_subset(self, within: torch.Tensor, tau: float) -> torch.Tensor | None:
+        """The smallest remembered subset of ``within`` that mitigates and whose one-removals are all remembered.
+
+        Such a set needs no UNet call to be handed to :func:`certify` (e.g. a
+        subset lattice scored in the detection call). Ties: the lower score.
+        None when there is none.
+        """
+        inside = ~within.cpu().numpy()
+        found: list[tuple[int, float, np.ndarray]] = []
+        for key, score in self.cache.items():
+            row = np.frombuffer(key, dtype=np.bool_)
+            if score < tau and row.shape == inside.shape and row.any() and not (row & inside).any():
+                found.append((int(row.sum()), score, row))
+        for *_, row in sorted(found, key=lambda item: item[:2]):
+            members = np.flatnonzero(row)
+            removals = np.repeat(row[None], members.size, axis=0)
+            removals[np.arange(members.size), members] = False
+            if all(not r.any() or r.tobytes() in self.cache for r in removals):
+                return torch.from_numpy(row.copy()).to(within.device)
+        return None
 
     def remember(self, masks: torch.Tensor, scores: torch.Tensor) -> None:
         """Record scores measured elsewhere (e.g. in the detection call) for sets [M, T]."""

@@ -171,6 +171,9 @@ def refine(
     """Reduce a mitigating set (``score`` < tau) to a 1-minimal one with ``strategy``; return it and its score."""
     if strategy == "split":
         oracle = oracle if isinstance(oracle, CachedOracle) else CachedOracle(oracle)
+        known = oracle.certified_subset(blocked, tau)  # e.g. the detection call's subset lattice
+        if known is not None:
+            return certify(known, oracle, tau, float(oracle.known(known)), width)
         if int(blocked.sum()) <= width:  # all one-removals fit one call
             return certify(*small_set_search(blocked, z, oracle, tau, width, score), width)
         found, found_score = split_search(blocked, z, oracle, tau, width, score)

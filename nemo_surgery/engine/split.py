@@ -69,6 +69,22 @@ def ladder_sets(order: torch.Tensor, width: int, like: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
+def subset_lattice(order: torch.Tensor, m: int, like: torch.Tensor) -> torch.Tensor:
+    """Every non-empty subset of ``order[:m]`` as bool rows [2^m - 1, T], smallest first.
+
+    Scored together they find the smallest mitigating subset of the m
+    top-ranked neurons AND certify it: each of its one-removals is a smaller
+    subset in the same rows (the empty set scores 1.0 without a call).
+    """
+    top = order[:m].tolist()
+    rows = []
+    for bits in sorted(range(1, 1 << len(top)), key=lambda b: (bin(b).count("1"), b)):
+        row = like.new_zeros(like.numel())
+        row[[n for i, n in enumerate(top) if bits >> i & 1]] = True
+        rows.append(row)
+    return torch.stack(rows) if rows else like.new_zeros((0, like.numel()))
+
+
 def ladder_rungs(rows: int) -> int:
     """The m of a ladder of ``rows`` = m(m+1)/2 sets (0 for none)."""
     m = 0
