@@ -10,7 +10,7 @@ detection included. ``split`` also scores candidate sets in the spare room of
 the detection call, so a prompt that is NOT memorized costs it more samples
 (never more calls): the column "other smp" prints samples per such prompt.
 The detection call has room for more sets at a larger batch (a GPU's):
-``--batch-size 40,160`` measures each case at both, each ratio within one run.
+``--batch-size 40,160`` (the default) measures each case at both, each ratio within one run.
 
 * ``planted``: tests/models/plant.py (rows 3 and 7 of mid_block carry the trigger), theta from 2
   (--planted-theta) so that the initial candidate set is larger than the two planted rows;
@@ -19,7 +19,7 @@ The detection call has room for more sets at a larger batch (a GPU's):
   which must be blocked, scanned over every value layer from theta = 1, so the initial
   candidate set has about 250 neurons and refinement has real work.
 
-Run: python benchmarks/bench_scan.py [--cases planted,demo,many] [--batch-size 40[,160]]
+Run: python benchmarks/bench_scan.py [--cases planted,demo,many] [--batch-size 40,160]
 """
 
 from __future__ import annotations
@@ -152,8 +152,9 @@ def _print(rows: list[dict], args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", default="40",
-                        help="UNet samples per call, one or a comma list (10 kept seeds: 40 = 4 sets per call)")
+    parser.add_argument("--batch-size", default="40,160",
+                        help="UNet samples per call, one or a comma list (10 kept seeds: 40 = 4 sets per call, "
+                        "160 = 16, a GPU-sized call)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", default="planted,demo,many")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
