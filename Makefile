@@ -20,7 +20,7 @@ demo:  ## the main job on the embedded demo model: scan -> apply -> verify (offl
 	nemo-surgery apply nemo_surgery/demo/assets/model --neurons $(OUT)/neurons.json \
 		--out $(OUT)/pruned-model --force --holdout prompts/demo_holdout.txt \
 		--train-images nemo_surgery/demo/assets/train_images --guidance 3 --steps 20 \
-		--seeds 6 --holdout-seeds 2 --drift-seeds 1
+		--seeds 6 --holdout-seeds 2 --drift-seeds 1 || [ $$? -eq 3 ]
 
 test:  ## the whole suite (what CI runs)
 	$(PYTHON) -m pytest -q

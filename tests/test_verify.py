@@ -280,3 +280,40 @@ def test_html_is_self_contained_and_renders_in_chromium(planted, good_result, tm
     assert pixels.std() > 5  # not blank
     green = (np.abs(pixels - np.array([0x1E, 0x84, 0x49])).sum(axis=2) < 40).sum()
     assert green > 50  # the verdict line is drawn in the 'verified' colour
+
+
+def test_a_prompt_detection_missed_that_copies_its_training_image_is_never_verified(planted, tmp_path) -> None:
+    """Scan passed prompt 1, yet the pruned model draws the training image given for it: NOT verified, and why.
+
+    The training image is the original's own sample of that prompt at the first fresh seed (a copy the model
+    makes on demand, as a memorized prompt that NeMo's first-step detection misses would). With --prompts naming
+    what to judge, verify judges only those.
+    """
+    p = planted
+    missed = ORDINARY_PROMPTS[0]
+    ns = NeuronSet(
+        layers=[LayerNeurons(id=p["plant"].layer_id, rows=32, cols=32, neurons=list(p["plant"].rows),
+                             needed_by=[[0]] * len(p["plant"].rows))],
+        fingerprint=p["fingerprint"], settings={"stats": {"path": str(p["stats"])}},
+        prompts=[{"index": 0, "prompt": TRIGGER_PROMPT, "memorized": True, "mitigated": True, "neurons": 2},
+                 {"index": 1, "prompt": missed, "memorized": False, "mitigated": None, "neurons": 0}])
+    set_path = ns.save(tmp_path / "set.json")
+    model = load_model(p["orig"], device="cpu", with_vae=True)
+    image = sample_images(model, model.encode([missed]), VerifyOptions(**FAST_KW).sampling).numpy()[0, 0]
+    (tmp_path / "train").mkdir()
+    _save_png(image, tmp_path / "train" / "1.png")
+    options = VerifyOptions(holdout=p["root"] / "hold.txt", train_images=tmp_path / "train", **FAST_KW, device="cpu",
+                            report=tmp_path / "rep")
+    r = run_verify(p["orig"], p["pruned_good"], set_path, options)
+    (u,) = r.undetected
+    assert u.index == 1 and u.copies and u.copy.after[0] > 0.9 and u.copy.reference == "training image"
+    assert [c.index for c in r.checks] == [0] and r.checks[0].mitigated  # the set's own prompt is mitigated ...
+    assert r.verdict == "NOT verified" and r.exit_code == EXIT_VERDICT  # ... yet the missed prompt still copies
+    assert [reason for reason in r.reasons if "scan did not flag it" in reason] == r.reasons
+    doc = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert doc["undetected_prompts"][0]["status"] == "STILL MEMORIZED"
+    assert "Prompts scan did not flag" in (tmp_path / "rep" / "report.html").read_text()
+    (tmp_path / "only.txt").write_text(TRIGGER_PROMPT + "\n")
+    named = run_verify(p["orig"], p["pruned_good"], set_path,
+                       VerifyOptions(**{**options.__dict__, "prompts": tmp_path / "only.txt", "report": tmp_path / "r2"}))
+    assert named.undetected == [] and named.passed

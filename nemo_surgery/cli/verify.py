@@ -75,6 +75,16 @@ def print_summary(result) -> None:
                       f"{max(c.copy.after):.3f}", ", ".join(f"{max(s):.3f}" for s in c.copy.controls) or "-",
                       f"[{color}]{c.status}[/{color}]")
     console.print(table)
+    if result.undetected:
+        missed = Table(title="scanned prompts that detection did not flag, against the training image you gave")
+        for col in ("#", "prompt", "copies before", "copies after", "max SSIM after", "result"):
+            missed.add_column(col, overflow="fold")
+        for u in result.undetected:
+            color = "red" if u.copies else "green"
+            missed.add_row(str(u.index), u.prompt[:40], f"{u.copy.copies_before}/{u.copy.seeds_before}",
+                           f"{u.copy.copies_after}/{len(u.copy.after)}", f"{max(u.copy.after):.3f}",
+                           f"[{color}]{'STILL MEMORIZED' if u.copies else 'no copy'}[/{color}]")
+        console.print(missed)
     info(f"copy threshold source: {t.source}")
     s = result.specificity
     if s.measured:

@@ -32,6 +32,7 @@ class VerifyInputs:
     holdout: list[Prompt]
     train: dict[int, Path]
     holdout_images: list[ImageCaption] = field(default_factory=list)
+    undetected: list[Prompt] = field(default_factory=list)  # scanned, not flagged, with a training image
 
 
 def resolve_stats_path(explicit: Path | None, neuron_set: NeuronSet, neurons_path: Path) -> Path:
@@ -56,6 +57,19 @@ def memorized_prompts(options: VerifyOptions, neuron_set: NeuronSet, neurons_pat
     if not found:
         raise InputError(f"{neurons_path}: lists no memorized prompt to verify on; pass --prompts PROMPTS")
     return found
+
+
+def undetected_prompts(options: VerifyOptions, neuron_set: NeuronSet) -> list[Prompt]:
+    """Scanned prompts that detection did not flag, judged too when --train-images holds their image.
+
+    Only without --prompts (which names the prompts to judge) and with
+    --train-images: a copy of a training image the user gave is a copy,
+    whether or not NeMo's first-step detection flagged the prompt.
+    """
+    if options.prompts is not None or options.train_images is None:
+        return []
+    return [Prompt(index=int(p["index"]), text=str(p["prompt"]), line=0)
+            for p in neuron_set.prompts if p.get("memorized") is False and "prompt" in p and "index" in p]
 
 
 def train_image_map(path: Path | None, prompts: list[Prompt]) -> dict[int, Path]:
@@ -194,5 +208,7 @@ def precheck_inputs(neurons: str | Path, options: VerifyOptions, neuron_set: Neu
     if options.clip is not None and not Path(options.clip).is_dir():
         raise InputError(f"{options.clip}: --clip takes a local model folder")
     pairs = read_image_captions(options.holdout_images) if options.holdout_images is not None else []
-    return VerifyInputs(neurons_path, neuron_set, blocked, stats_path, stats, prompts, holdout,
-                        train_image_map(options.train_images, prompts), pairs)
+    passed = undetected_prompts(options, neuron_set)
+    train = train_image_map(options.train_images, prompts + passed)
+    return VerifyInputs(neurons_path, neuron_set, blocked, stats_path, stats, prompts, holdout, train, pairs,
+                        [p for p in passed if p.index in train])

@@ -31,7 +31,9 @@ VERDICT_RULE = (
     "(else exit 1, 'not equivalent'); scan did not record any memorized prompt as not mitigated; for every "
     "memorized prompt, on fresh seeds disjoint from scan's detection seeds, NO pruned sample copies the prompt's "
     "reference (its training image, else the medoid of the original's samples), a copy being SSIM >= the copy "
-    "threshold calibrated on hold-out prompts, and the original copies it (so the check can fail); the set "
+    "threshold calibrated on hold-out prompts, and the original copies it (so the check can fail); no pruned "
+    "sample of a scanned prompt that detection did not flag copies the training image given for it (--train-images, "
+    "without --prompts); the set "
     "lowers the memorization metric (mean over prompts of the highest after-pruning SSIM to the reference) below "
     "every random control set of the same shape; harm was measured on hold-out data and is no worse than the "
     "median control plus the stated margin and within the user's limits. Failing evidence gives exit 3 "
@@ -88,6 +90,39 @@ class PromptCheck:
                                  "note": "reported, not judged: mean agreement can fall while single seeds copy"},
             "train_image": self.train_image,
         }
+
+
+@dataclass
+class UndetectedCheck:
+    """A scanned prompt that detection did not flag, judged against the training image the user gave for it."""
+
+    index: int
+    prompt: str
+    copy: CopyCheck
+    train_image: str
+    scan_record: dict[str, Any] | None = None
+
+    @property
+    def copies(self) -> bool:
+        """True when some pruned sample copies the training image (a copy in one seed is a copy)."""
+        return self.copy.copies_after > 0
+
+    @property
+    def reason(self) -> str:
+        """The failing evidence in one line ('' when no pruned sample copies)."""
+        if not self.copies:
+            return ""
+        c = self.copy
+        return (f"scan did not flag it as memorized, yet {c.copies_after} of {len(c.after)} fresh pruned seeds copy "
+                f"the training image you gave (max SSIM {max(c.after):.3f} >= {c.threshold:.4f}; the original: "
+                f"{c.copies_before} of {c.seeds_before}); NeMo's first-step detection missed it, so the set does "
+                "not touch it")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the numbers as JSON."""
+        return {"index": self.index, "prompt": self.prompt, "status": "STILL MEMORIZED" if self.copies else "no copy",
+                "reason": self.reason, "scan_record_in_sample": self.scan_record, "copies": self.copy.to_json(),
+                "train_image": self.train_image}
 
 
 @dataclass
@@ -175,6 +210,7 @@ class VerifyResult:
     inputs: dict[str, Any]
     controls: list[dict[str, list[int]]] = field(default_factory=list)
     scan_unmitigated: list[dict[str, Any]] = field(default_factory=list)
+    undetected: list[UndetectedCheck] = field(default_factory=list)  # scanned, not flagged, training image given
     missing: list[str] = field(default_factory=list)  # run-level missing evidence, with the flags that supply it
     optional: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -201,6 +237,7 @@ class VerifyResult:
                        f"(\"mitigated\": false in the neuron set)")
         for c in self.checks:
             out.extend(f"prompt {c.index}: {r}" for r in c.reasons)
+        out.extend(f"prompt {u.index}: {u.reason}" for u in self.undetected if u.copies)
         if self.specificity.measured and not self.specificity.specific:
             s = self.specificity
             out.append(f"not specific: the set's {s.metric} {s.found:.4f} beats only {s.beaten} of "
@@ -246,6 +283,8 @@ class VerifyResult:
                          "copies_after": c.copy.copies_after, "seeds": len(c.copy.after),
                          "copy_rate_upper_bound": c.seeds.bound, "max_similarity_after": max(c.copy.after),
                          "detection_after": c.detection_after["mean_pairwise"]} for c in self.checks],
+            "undetected_prompts": [{"index": u.index, "copies_after": u.copy.copies_after, "seeds": len(u.copy.after),
+                                    "max_similarity_after": max(u.copy.after)} for u in self.undetected],
             "specificity": self.specificity.to_json(),
             "equivalence_max_abs_diff": self.equivalence.max_abs_diff,
             "drift": None if self.drift is None else self.drift.drift,
@@ -283,6 +322,7 @@ class VerifyResult:
                          "user_limits_source": "given by the user (--max-drift, --max-loss-increase); null: not set"},
             },
             "memorized_prompts": [c.to_json() for c in self.checks],
+            "undetected_prompts": [u.to_json() for u in self.undetected],
             "controls": {"sets": self.controls, "specificity": self.specificity.to_json()},
             "harm": self.harm.to_json(),
             "equivalence": self.equivalence.to_json(),

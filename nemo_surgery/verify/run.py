@@ -44,8 +44,8 @@ from nemo_surgery.verify.metrics import load_image
 from nemo_surgery.verify.optional import optional_metrics
 from nemo_surgery.verify.options import VerifyOptions
 from nemo_surgery.verify.report import write_reports
-from nemo_surgery.verify.result import Harm, PromptCheck, VerifyResult
-from nemo_surgery.verify.sampling import sample_images, sample_sets
+from nemo_surgery.verify.result import Harm, PromptCheck, UndetectedCheck, VerifyResult
+from nemo_surgery.verify.sampling import SampleSettings, sample_images, sample_sets
 
 MEMORIZATION_METRIC = "mean over prompts of the highest after-pruning SSIM to the reference"
 
@@ -202,6 +202,7 @@ def run_verify(
         )
         judge(check, threshold.calibrated)
         checks.append(check)
+    undetected, undetected_images = _judge_undetected(got, orig, pmodel, sampling, threshold.value, (h, w), say)
     specificity = Specificity(
         MEMORIZATION_METRIC, float(np.mean([max(c.copy.after) for c in checks])),
         [float(np.mean([max(c.copy.controls[r]) for c in checks])) for r in range(len(controls))])
@@ -217,9 +218,10 @@ def run_verify(
         copy_threshold=threshold, checks=checks, equivalence=equivalence, harm=harm, specificity=specificity,
         neuron_set=got.neuron_set, settings=_settings(options, got, orig, scorer_o, eq_prompts),
         inputs=_input_record(got, options, original, pruned, orig, pmodel), controls=controls,
-        scan_unmitigated=scan_unmitigated, missing=missing, optional=optional, notes=notes,
+        scan_unmitigated=scan_unmitigated, undetected=undetected, missing=missing, optional=optional, notes=notes,
     )
-    result.images = {"memorized_before": mem_before, "memorized_after": mem_after, "references": [r[0] for r in refs]}
+    result.images = {"memorized_before": mem_before, "memorized_after": mem_after, "references": [r[0] for r in refs],
+                     **undetected_images}
     if hold_before is not None:
         result.images.update(holdout_before=hold_before, holdout_after=hold_after)
     if options.attack:
@@ -228,6 +230,31 @@ def run_verify(
     say("writing report")
     write_reports(result, report_dir)
     return result
+
+
+def _judge_undetected(got: VerifyInputs, orig: LoadedModel, pmodel: LoadedModel, sampling: SampleSettings,
+                      threshold: float, size: tuple[int, int], say: Callable[[str], None],
+                      ) -> tuple[list[UndetectedCheck], dict[str, Any]]:
+    """Scanned prompts that detection passed, with a training image: do the pruned model's samples copy it?
+
+    Same fresh seeds and sampling as the memorized prompts, the same copy
+    threshold; no controls (the set does not claim these prompts). Returns
+    the checks and their images for the HTML report.
+    """
+    if not got.undetected:
+        return [], {}
+    say(f"sampling {len(got.undetected)} scanned prompt(s) that detection did not flag but have a training image: "
+        f"original and pruned, {sampling.seeds} fresh seeds")
+    texts = [p.text for p in got.undetected]
+    before = sample_images(orig, orig.encode(texts), sampling).numpy()
+    after = sample_images(pmodel, pmodel.encode(texts), sampling).numpy()
+    out, refs = [], []
+    for k, p in enumerate(got.undetected):
+        image = got.train[p.index]
+        refs.append(load_image(image, *size))
+        copy = check_copies(before[k], after[k], [], refs[-1], "training image", None, threshold)
+        out.append(UndetectedCheck(p.index, p.text, copy, str(image), scan_record(got.neuron_set.prompts, p.index, p.text)))
+    return out, {"undetected_before": before, "undetected_after": after, "undetected_references": refs}
 
 
 def _missing(options: VerifyOptions, holdout: list, calibrated: bool, controls: list) -> list[str]:

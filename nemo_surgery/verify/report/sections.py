@@ -44,6 +44,20 @@ def verdict_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def _status_row(cells: list[str], status: str, ok: bool) -> str:
+    """A table row of already-escaped cells, ending in the status cell coloured ok or bad."""
+    return ("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells)
+            + f"<td class='{'ok' if ok else 'bad'}'>{html.escape(status)}</td></tr>")
+
+
+def _seed_rows(index: int, threshold: float, rows: Any) -> list[str]:
+    """One table row per (label, image stack, per-seed SSIM): each seed's image, captioned COPY at the threshold."""
+    return [f"<tr><td>{label}</td><td>" + "".join(
+        img_tag(im, f"prompt {index} {label} seed {s}",
+                f"seed {s} SSIM {sims[s]:.3f}{' COPY' if sims[s] >= threshold else ''}")
+        for s, im in enumerate(stack)) + "</td></tr>" for label, stack, sims in rows]
+
+
 def prompts_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
     """Per memorized prompt: the numbers, then the reference beside before/after samples with per-seed SSIM."""
     out = ["<h2>Memorized prompts</h2><table><tr><th>#</th><th>prompt</th><th>scan score (in-sample)</th>"
@@ -52,30 +66,55 @@ def prompts_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
     for c in result.checks:
         rec = c.scan_record or {}
         in_sample = rec.get("final_score", rec.get("detection_score"))
-        cls = "ok" if c.mitigated else "bad"
-        out.append(
-            f"<tr><td>{c.index}</td><td>{html.escape(c.prompt)}</td><td>{fmt(in_sample)}</td>"
-            f"<td>{fmt(c.detection_before['mean_pairwise'])} / {fmt(c.detection_after['mean_pairwise'])}</td>"
-            f"<td>{c.copy.copies_before} / {c.copy.seeds_before}</td><td>{c.copy.copies_after} / {len(c.copy.after)}</td>"
-            f"<td>{100 * c.seeds.bound:.1f} %</td><td>{fmt(max(c.copy.after))}</td>"
-            f"<td>{', '.join(fmt(max(s)) for s in c.copy.controls) or '-'}</td>"
-            f"<td class='{cls}'>{html.escape(c.status)}</td></tr>")
+        out.append(_status_row(
+            [str(c.index), html.escape(c.prompt), fmt(in_sample),
+             f"{fmt(c.detection_before['mean_pairwise'])} / {fmt(c.detection_after['mean_pairwise'])}",
+             f"{c.copy.copies_before} / {c.copy.seeds_before}", f"{c.copy.copies_after} / {len(c.copy.after)}",
+             f"{100 * c.seeds.bound:.1f} %", fmt(max(c.copy.after)),
+             ", ".join(fmt(max(s)) for s in c.copy.controls) or "-"], c.status, c.mitigated))
     out.append("</table>")
     before, after = result.images.get("memorized_before"), result.images.get("memorized_after")
     refs = result.images.get("references") or []
     for k, c in enumerate(result.checks):
-        out.append(f"<h3>#{c.index}: {html.escape(c.prompt)}</h3><p>{html.escape(c.seeds.sentence())}; a copy is SSIM "
-                   f"&ge; {c.copy.threshold:.4f} to the {html.escape(c.copy.reference)}.</p><table class='grid'>")
-        if k < len(refs):
-            out.append("<tr><td>reference</td><td>" + img_tag(refs[k], f"prompt {c.index} reference",
-                                                               c.copy.reference) + "</td></tr>")
-        if before is not None:
-            for label, stack, sims in (("before", before[k], c.copy.before), ("after", after[k], c.copy.after)):
-                out.append(f"<tr><td>{label}</td><td>" + "".join(
-                    img_tag(im, f"prompt {c.index} {label} seed {s}",
-                            f"seed {s} SSIM {sims[s]:.3f}{' COPY' if sims[s] >= c.copy.threshold else ''}")
-                    for s, im in enumerate(stack)) + "</td></tr>")
-        out.append("</table>")
+        note = (f"<p>{html.escape(c.seeds.sentence())}; a copy is SSIM &ge; {c.copy.threshold:.4f} to the "
+                f"{html.escape(c.copy.reference)}.</p>")
+        out += _sample_block(c.index, c.prompt, note, refs[k] if k < len(refs) else None, "reference", c.copy,
+                             None if before is None else (before[k], after[k]))
+    return out
+
+
+def _sample_block(index: int, prompt: str, note: str, ref: Any, ref_label: str, copy: Any,
+                  stacks: tuple[Any, Any] | None) -> list[str]:
+    """A prompt's heading and note, its reference image, and its before/after samples with per-seed SSIM."""
+    out = [f"<h3>#{index}: {html.escape(prompt)}</h3>{note}<table class='grid'>"]
+    if ref is not None:
+        out.append(f"<tr><td>{ref_label}</td><td>" + img_tag(ref, f"prompt {index} {ref_label}", copy.reference)
+                   + "</td></tr>")
+    if stacks is not None:
+        out += _seed_rows(index, copy.threshold, (("before", stacks[0], copy.before), ("after", stacks[1], copy.after)))
+    out.append("</table>")
+    return out
+
+
+def undetected_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
+    """Scanned prompts that detection did not flag, against the training images given for them (if any)."""
+    if not result.undetected:
+        return []
+    out = ["<h2>Prompts scan did not flag (training image given)</h2><p>NeMo's first-step detection passed these "
+           "prompts, so the set does not claim them; a pruned sample that copies the training image still fails "
+           "the verdict.</p><table><tr><th>#</th><th>prompt</th><th>scan score (in-sample)</th><th>copies before</th>"
+           "<th>copies after</th><th>max SSIM after</th><th>result</th></tr>"]
+    for u in result.undetected:
+        out.append(_status_row(
+            [str(u.index), html.escape(u.prompt), fmt((u.scan_record or {}).get("detection_score")),
+             f"{u.copy.copies_before} / {u.copy.seeds_before}", f"{u.copy.copies_after} / {len(u.copy.after)}",
+             fmt(max(u.copy.after))], "STILL MEMORIZED" if u.copies else "no copy", not u.copies))
+    out.append("</table>")
+    before, after = result.images.get("undetected_before"), result.images.get("undetected_after")
+    refs = result.images.get("undetected_references") or []
+    for k, u in enumerate(result.undetected):
+        out += _sample_block(u.index, u.prompt, "", refs[k] if k < len(refs) else None, "training image", u.copy,
+                             None if before is None else (before[k], after[k]))
     return out
 
 
@@ -152,5 +191,5 @@ def optional_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
     return out + ["</ul>"]
 
 
-SECTIONS: list[Section] = [verdict_section, prompts_section, controls_section, harm_section, attack_section,
+SECTIONS: list[Section] = [verdict_section, prompts_section, undetected_section, controls_section, harm_section, attack_section,
                            equivalence_section, layers_section, optional_section]
