@@ -44,14 +44,17 @@ class VerifyOptions:
     stats: Path | None = option(None, "Statistics (tau) from `nemo-surgery stats` (default: the file the neuron "
                                 "set records).", group="input", kind="path")
     prompts: Path | None = option(None, "Memorized prompts to verify on (default: those the neuron set records as "
-                                  "memorized).", group="input", kind="path")
+                                  "memorized, plus, with --train-images, the scanned prompts scan passed that have "
+                                  "a training image: a pruned copy of it fails the verdict).", group="input",
+                                  kind="path")
     holdout: Path | None = option(None, "Non-memorized prompts: harm (drift) and the copy-threshold calibration. "
                                   "Without it the verdict cannot be 'verified'.", group="input", kind="path")
     holdout_images: Path | None = option(None, "Hold-out image-caption pairs (CSV image,caption or a folder of image "
                                          "+ .txt) for the denoising-loss harm measure.", group="input", kind="path")
     train_images: Path | None = option(None, "Folder of <prompt index>.png training images, or a JSON mapping "
                                        "(index or prompt -> image); default reference: the medoid of the original's "
-                                       "samples.", group="input", kind="path")
+                                       "samples. Without --prompts, scanned prompts that detection passed are judged "
+                                       "against theirs too.", group="input", kind="path")
     column: str = option("prompt", "Prompt column of CSV/JSONL prompt files.", group="input")
     report: Path | None = option(None, "Report folder (default: <PRUNED>/nemo_report; <PRUNED>.nemo_report beside a "
                                  "single-file PRUNED).", group="report", kind="path")
