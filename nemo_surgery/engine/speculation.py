@@ -49,7 +49,7 @@ def detection_sets(
 
     A prompt whose first (theta_start) candidate set is empty gets nothing:
     on the demo's 60 hold-out captions the largest z-score is 4.9, on its
-    memorized captions 50-73, so ordinary prompts cost N samples, as in
+    five famous captions 50-73, so ordinary prompts cost N samples, as in
     NeMo's order. Otherwise, in this order: the widest step (the
     unmovable-seed floor), the first step, the subset lattice
     (:func:`~nemo_surgery.engine.split.subset_lattice`) of the first step's
