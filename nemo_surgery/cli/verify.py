@@ -83,7 +83,7 @@ def print_summary(result) -> None:
             color = "red" if u.copies else "green"
             missed.add_row(str(u.index), u.prompt[:40], f"{u.copy.copies_before}/{u.copy.seeds_before}",
                            f"{u.copy.copies_after}/{len(u.copy.after)}", f"{max(u.copy.after):.3f}",
-                           f"[{color}]{'STILL MEMORIZED' if u.copies else 'no copy'}[/{color}]")
+                           f"[{color}]{u.status}[/{color}]")
         console.print(missed)
     info(f"copy threshold source: {t.source}")
     s = result.specificity

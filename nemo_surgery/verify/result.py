@@ -108,6 +108,11 @@ class UndetectedCheck:
         return self.copy.copies_after > 0
 
     @property
+    def status(self) -> str:
+        """'STILL MEMORIZED' when a pruned sample copies, else 'no copy'."""
+        return "STILL MEMORIZED" if self.copies else "no copy"
+
+    @property
     def reason(self) -> str:
         """The failing evidence in one line ('' when no pruned sample copies)."""
         if not self.copies:
@@ -120,7 +125,7 @@ class UndetectedCheck:
 
     def to_json(self) -> dict[str, Any]:
         """Return the numbers as JSON."""
-        return {"index": self.index, "prompt": self.prompt, "status": "STILL MEMORIZED" if self.copies else "no copy",
+        return {"index": self.index, "prompt": self.prompt, "status": self.status,
                 "reason": self.reason, "scan_record_in_sample": self.scan_record, "copies": self.copy.to_json(),
                 "train_image": self.train_image}
 

@@ -9,6 +9,7 @@ import html
 from collections.abc import Callable
 from typing import Any
 
+from nemo_surgery.verify.copies import CopyCheck
 from nemo_surgery.verify.report.attack_section import attack_section
 from nemo_surgery.verify.report.images import comparison_chart_svg, fmt, img_tag, layer_chart_svg
 from nemo_surgery.verify.result import VerifyResult
@@ -83,7 +84,7 @@ def prompts_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
     return out
 
 
-def _sample_block(index: int, prompt: str, note: str, ref: Any, ref_label: str, copy: Any,
+def _sample_block(index: int, prompt: str, note: str, ref: Any, ref_label: str, copy: CopyCheck,
                   stacks: tuple[Any, Any] | None) -> list[str]:
     """A prompt's heading and note, its reference image, and its before/after samples with per-seed SSIM."""
     out = [f"<h3>#{index}: {html.escape(prompt)}</h3>{note}<table class='grid'>"]
@@ -108,7 +109,7 @@ def undetected_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
         out.append(_status_row(
             [str(u.index), html.escape(u.prompt), fmt((u.scan_record or {}).get("detection_score")),
              f"{u.copy.copies_before} / {u.copy.seeds_before}", f"{u.copy.copies_after} / {len(u.copy.after)}",
-             fmt(max(u.copy.after))], "STILL MEMORIZED" if u.copies else "no copy", not u.copies))
+             fmt(max(u.copy.after))], u.status, not u.copies))
     out.append("</table>")
     before, after = result.images.get("undetected_before"), result.images.get("undetected_after")
     refs = result.images.get("undetected_references") or []
