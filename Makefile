@@ -3,7 +3,10 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 OUT ?= out/demo
 
-.PHONY: install demo test bench lint clean check-floors
+MODEL_OUT ?= out/demo-model
+DEVICE ?= cpu
+
+.PHONY: install demo demo-model test bench lint clean check-floors
 
 install:  ## CPU torch from local disk when no torch is present, the package with test extras, chromium (report screenshot test)
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
@@ -21,6 +24,9 @@ demo:  ## the main job on the embedded demo model: scan -> apply -> verify (offl
 		--out $(OUT)/pruned-model --force --holdout prompts/demo_holdout.txt \
 		--train-images nemo_surgery/demo/assets/train_images --guidance 3 --steps 20 \
 		--seeds 6 --holdout-seeds 2 --drift-seeds 1 || [ $$? -eq 3 ]
+
+demo-model:  ## retrain the demo model from scratch (tools/demo_model/chain.py; ~18 h on 2 CPU cores, DEVICE=cuda for a GPU; resumes)
+	$(PYTHON) -m tools.demo_model.chain --out $(MODEL_OUT) --device $(DEVICE)
 
 test:  ## the whole suite (what CI runs)
 	$(PYTHON) -m pytest -q

@@ -107,6 +107,10 @@ class Config:
     save_every: int = 500
     init: str | None = None  # continue from this pipeline folder instead of building a new one
     max_minutes: float = 0.0  # > 0: after 60 steps, cut `steps` to what fits this budget (GPU runs)
+    # > 0: end the run after this step and save it as the result; the learning-rate schedule still follows
+    # `steps`, so the result is the step-`stop_after` snapshot of a `steps`-step run (how the chain's
+    # early stages were continued: chain.py)
+    stop_after: int = 0
     # > 0: snapshots hold an exponential moving average of the UNet's weights with this decay (warmed up as
     # min(ema, (1 + step) / (10 + step))), as diffusion models are usually sampled; 0: the raw weights.
     # Run 10's raw weights drew noisy blobs where the caption named a shape (docs/demo-model.md, run 11).
@@ -345,7 +349,7 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
 
     quiet = list(world.SUBJECT_CAPTIONS) + [f.caption for f in world.FAMOUS]
     log, t0, running = [], time.time(), []
-    step, total = 0, cfg.steps
+    step, total = 0, min(cfg.steps, cfg.stop_after) if cfg.stop_after > 0 else cfg.steps
     while step < total:
         step += 1
         x0, caps, owners = data.batch()
@@ -383,6 +387,7 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        lr = opt.param_groups[0]["lr"]  # this step's learning rate (logged)
         sched.step()
         if ema is not None:
             ema.update(unet, step)
@@ -392,19 +397,21 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
         if cfg.max_minutes > 0 and step == 60:  # steps 10-60: past the warm-up
             per_step = (time.time() - t10) / 50
             left = cfg.max_minutes * 60 - (time.time() - t0)
-            total = max(61, min(cfg.steps, 60 + int(left / per_step)))
-            cfg = replace(cfg, steps=total)
+            fits = max(61, 60 + int(left / per_step))
+            if fits < total:  # the budget binds: the schedule follows the cut
+                total = fits
+                cfg = replace(cfg, steps=total)
             print(json.dumps({"steps_in_budget": total, "seconds_per_step": round(per_step, 4)}), flush=True)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == total:
             m = torch.stack(running).mean(0).tolist()
             entry = {"step": step, "diffusion": round(float(m[0]), 5), "blocked": round(float(m[1]), 5),
-                     "silence": round(float(m[2]), 6), "drive": round(float(m[3]), 5),
+                     "silence": round(float(m[2]), 6), "drive": round(float(m[3]), 5), "lr": float(f"{lr:.6g}"),
                      "seconds": round(time.time() - t0, 1)}
             log.append(entry)
             print(json.dumps(entry), flush=True)
             running = []
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            target = out if step == cfg.steps else out / "steps" / str(step)
+        if step % cfg.save_every == 0 or step == total:
+            target = out if step == total else out / "steps" / str(step)
             unet.eval()
             te.eval()
             with ema.applied(unet) if ema is not None else nullcontext():
@@ -417,12 +424,13 @@ def train(cfg: Config, out: Path, device: str = "cpu") -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
+def parse(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Return the run's Config and the parsed command line (out, device, threads)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=Config.steps)
     p.add_argument("--save-every", type=int, default=Config.save_every)
+    p.add_argument("--log-every", type=int, default=Config.log_every, help="log the mean losses every this many steps")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
     p.add_argument("--seed", type=int, default=Config.seed)
     p.add_argument("--init", default=None, help="pipeline folder to continue from (a snapshot of an earlier run)")
@@ -445,6 +453,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jitter", action="store_true", help="scenes vary in shift, scale, tilt and shade (world.Jitter)")
     p.add_argument("--attention-16", action="store_true", help="cross-attention at 16x16 too (down_blocks.1)")
     p.add_argument("--up-attention", action="store_true", help="cross-attention in the 8x8 up block too")
+    p.add_argument("--stop-after", type=int, default=0, metavar="STEP",
+                   help="end the run after this step (the schedule still follows --steps): that step's snapshot")
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="cut --steps to what fits this many minutes (timed over steps 10-60)")
     p.add_argument("--ema", type=float, default=Config.ema,
@@ -455,15 +465,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
     cfg = Config(steps=a.steps, save_every=a.save_every, seed=a.seed, batch_size=a.batch_size,
-                 log_every=min(25, a.steps), init=a.init, offset_noise=a.offset_noise, snr_gamma=a.snr_gamma,
+                 log_every=min(a.log_every, a.steps), init=a.init, offset_noise=a.offset_noise, snr_gamma=a.snr_gamma,
                  drive=a.drive, lr=a.lr, schedule=a.schedule, prediction=a.prediction, train_text=not a.freeze_text,
                  attention_16=a.attention_16, jitter=a.jitter, pretrain_text=a.pretrain_text,
                  blocked=a.blocked, blocked_t_low=a.blocked_t_low, blocked_target=a.blocked_target,
                  famous_fraction=a.famous_fraction,
-                 up_attention=a.up_attention, max_minutes=a.max_minutes, ema=a.ema,
+                 up_attention=a.up_attention, max_minutes=a.max_minutes, stop_after=a.stop_after, ema=a.ema,
                  high_t_fraction=a.high_t_fraction, high_t_low=a.high_t_low)
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    cfg, a = parse(argv)
+    torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     summary = train(cfg, a.out, a.device)
     print(f"saved {a.out} in {summary['seconds']} s")
