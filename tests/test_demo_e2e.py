@@ -86,6 +86,11 @@ def test_demo_verified(demo_scan, cli_cmd, tmp_path):
     assert report["thresholds"]["copy"]["source"].startswith("given by the user")
     assert copies["copies_before"] >= 5 and copies["copies_after"] == 0
     assert all(c["copies_after"] >= 4 for c in copies["controls"])  # random sets of the same shape keep the copies
+    # the demo's prompt-alignment score: the checker read every drift sample of the 6 scene captions, paired
+    scenes = report["harm"]["scene_alignment"]
+    drift_seeds = report["settings"]["sampling"]["drift_seeds"]
+    assert (scenes["prompts"], scenes["samples"], len(scenes["controls"])) == (6, 6 * drift_seeds, 2)
+    assert scenes["lost"] + scenes["gained"] <= scenes["samples"]
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +137,5 @@ def test_spread_control_not_verified(spread_model, cli_cmd):
     assert prompt["detection_after"] < json.loads((root / "stats.json").read_text())["tau"]  # the first step agrees
     assert prompt["copies_after"] == prompt["seeds"]  # ... yet every fresh seed still copies
     assert any("fresh seeds still copy" in r for r in verify["reasons"])
+    report = json.loads((root / "pruned" / "nemo_report" / "report.json").read_text())
+    assert report["harm"]["scene_alignment"] is None  # its hold-out captions are not demo-world scenes

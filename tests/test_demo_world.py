@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools.demo_model import checker, memory_rows, text_pretrain, world
+from nemo_surgery.demo import checker, world
+from tools.demo_model import memory_rows, text_pretrain
 from tools.demo_model.evaluate import load_pipeline
 
 

@@ -93,6 +93,8 @@ def print_summary(result) -> None:
     harm = result.harm
     if harm.drift is not None:
         info(f"hold-out drift {harm.drift.drift:.4f} (controls {', '.join(f'{v:.4f}' for v in harm.drift_controls) or '-'})")
+    if harm.scene_alignment is not None:
+        info(harm.scene_alignment.summary())
     if harm.loss_increase is not None:
         info(f"denoising loss {harm.loss_increase:+.4f} relative (controls "
              f"{', '.join(f'{v:+.4f}' for v in harm.loss_increase_controls()) or '-'})")

@@ -19,6 +19,7 @@ from nemo_surgery.verify.controls import Specificity
 from nemo_surgery.verify.copies import CopyCheck, CopyThreshold
 from nemo_surgery.verify.drift import DriftResult
 from nemo_surgery.verify.equivalence import EquivalenceResult
+from nemo_surgery.verify.scenes import SceneAlignment
 from nemo_surgery.verify.seeds import SeedEvidence
 
 FORMAT = "nemo-surgery.verify-report"
@@ -145,6 +146,8 @@ class Harm:
     max_loss_increase: float | None = None
     loss_pairs: int = 0
     margins: dict[str, float] = field(default_factory=dict)
+    # the demo world's prompt-alignment score on the drift samples (hold-out prompts that are its scene captions)
+    scene_alignment: SceneAlignment | None = None
 
     @property
     def measured(self) -> bool:
@@ -191,6 +194,7 @@ class Harm:
                 "relative_increase": self.loss_increase, "controls": self.loss_controls,
                 "controls_relative_increase": self.loss_increase_controls(),
                 "limit_from_controls": self.loss_limit_controls, "user_limit": self.max_loss_increase},
+            "scene_alignment": None if self.scene_alignment is None else self.scene_alignment.to_json(),
             "margins": self.margins,
             "failures": self.failures(),
         }

@@ -46,6 +46,7 @@ from nemo_surgery.verify.options import VerifyOptions
 from nemo_surgery.verify.report import write_reports
 from nemo_surgery.verify.result import Harm, PromptCheck, UndetectedCheck, VerifyResult
 from nemo_surgery.verify.sampling import SampleSettings, sample_images, sample_sets
+from nemo_surgery.verify.scenes import scene_alignment
 
 MEMORIZATION_METRIC = "mean over prompts of the highest after-pruning SSIM to the reference"
 
@@ -167,6 +168,7 @@ def run_verify(
         harm.drift = DriftResult(sample_drift([p.index for p in holdout], htexts, hold_before, hold_after),
                                  value_output_change(orig.layers, pmodel.layers, cond_ho.hidden, cond_hp.hidden))
         harm.drift_controls = [_drift_of(hold_before, c) for c in hold_sets[1:]]
+        harm.scene_alignment = scene_alignment(htexts, hold_before, hold_after, list(hold_sets[1:]))
         _, harm.drift_limit_controls = no_worse_than_controls(harm.drift.drift, harm.drift_controls, DRIFT_MARGIN)
     if got.holdout_images:
         say(f"denoising loss on {len(got.holdout_images)} hold-out image-caption pair(s)")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nemo_surgery.demo import world
 from tests.models.tiny import DEFAULT_WORDS
-from tools.demo_model import world
 
 #: v1's palette: v2's six colours (same values, same order) plus two.
 COLOURS: dict[str, tuple[float, float, float]] = {

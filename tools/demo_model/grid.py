@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.demo_model import checker, world
+from nemo_surgery.demo import checker, world
 from tools.demo_model.measure import load, samples, ssim
 
 SCALE = 3

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tools.demo_model import checker, world
+from nemo_surgery.demo import checker, world
 from tools.demo_model.evaluate import SampleSettings, sample, ssim, zeroed
 from tools.demo_model.evaluate import load_pipeline as load
 from tools.demo_model.memory_rows import MEMORY_ROWS, all_rows

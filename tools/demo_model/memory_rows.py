@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tools.demo_model import world
+from nemo_surgery.demo import world
 from tools.demo_model.evaluate import zeroed
 from tools.demo_model.pixel_vae import build_pixel_vae
 from tools.demo_model.train import TextCache, noised

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tools.demo_model import checker, world
+from nemo_surgery.demo import checker, world
 from tools.demo_model.evaluate import SampleSettings, load_pipeline, sample
 
 STRENGTHS = (0.3, 0.5, 0.7, 0.9)

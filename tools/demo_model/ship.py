@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nemo_surgery.demo import world
 from nemo_surgery.demo.paths import ASSETS, DEMO_MODEL_DIR, DEMO_RECIPE, DEMO_TRAIN_IMAGES
-from tools.demo_model import world
 
 PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae")
 MAX_BYTES = 20 * 1024 * 1024

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tools.demo_model import world
+from nemo_surgery.demo import world
 from tools.demo_model.train import TextCache
 
 #: Layout classes: every (position, size) of a single shape, then the counts.

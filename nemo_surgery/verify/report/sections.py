@@ -154,6 +154,8 @@ def harm_section(result: VerifyResult, doc: dict[str, Any]) -> list[str]:
     d = harm.drift.to_json()
     out.append(f"<p>drift {d['drift']:.4f}; controls {', '.join(f'{v:.4f}' for v in harm.drift_controls) or '-'}; "
                f"mean SSIM {d['ssim']['mean']:.4f}, min {d['ssim']['min']:.4f} over {d['prompts']} prompts</p>")
+    if harm.scene_alignment is not None:
+        out.append(f"<p>{html.escape(harm.scene_alignment.summary())}</p>")
     out.append("<table><tr><th>value layer</th><th>relative output change</th></tr>" + "".join(
         f"<tr><td>{html.escape(k)}</td><td>{v:.6f}</td></tr>" for k, v in d["value_change"].items()) + "</table>")
     hb, ha = result.images.get("holdout_before"), result.images.get("holdout_after")

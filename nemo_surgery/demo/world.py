@@ -2,7 +2,7 @@
 
 A scene is one to three shapes of one colour on a plain background. Everything a caption
 says (colour, background, shape, position or count, size) can be read back from the
-image by `tools.demo_model.checker`, so prompt alignment is measured, not guessed.
+image by `nemo_surgery.demo.checker`, so prompt alignment is measured, not guessed.
 A few scikit-image photographs are the rare "famous images" that the model memorizes.
 Images are float arrays in [0, 1] of shape (H, W, 3).
 """
@@ -154,6 +154,30 @@ def random_scene(rng: np.random.Generator) -> Scene:
     pos = list(POSITIONS)[rng.integers(len(POSITIONS))]
     size = list(SIZES)[rng.integers(len(SIZES))]
     return Scene(names[fg], names[bg], shape, pos=pos, size=size)
+
+
+def all_scenes() -> list[Scene]:
+    """Return every scene of the world (1,800): each ordered colour pair, shape, and position and size or count."""
+    names = list(COLOURS)
+    out = []
+    for fg in names:
+        for bg in names:
+            if fg == bg:
+                continue
+            for shape in SHAPES:
+                out += [Scene(fg, bg, shape, pos=pos, size=size) for pos in POSITIONS for size in SIZES]
+                out += [Scene(fg, bg, shape, count=n) for n in COUNTS]
+    return out
+
+
+@lru_cache(maxsize=1)
+def _by_caption() -> dict[str, Scene]:
+    return {s.caption(): s for s in all_scenes()}
+
+
+def scene_of(caption: str) -> Scene | None:
+    """Return the scene whose caption is `caption` exactly (surrounding spaces ignored), or None."""
+    return _by_caption().get(caption.strip())
 
 
 @dataclass(frozen=True)

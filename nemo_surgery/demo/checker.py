@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tools.demo_model import world
+from nemo_surgery.demo import world
 
 PALETTE = np.array(list(world.COLOURS.values()), dtype=np.float32)
 NAMES = list(world.COLOURS)
