@@ -35,7 +35,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "demo": {"__init__"},
     "surgery": BASE,
     "engine": BASE | {"surgery"},  # torch-free byte readers (headers, the byte-level fingerprint); never the reverse
-    "verify": BASE | {"engine", "surgery"},
+    "verify": BASE | {"engine", "surgery", "demo"},  # demo: the scene world and checker (verify/scenes.py)
     "workflow": BASE | {"surgery", "verify", "engine"},
     "cli": BASE | {"engine", "surgery", "verify", "workflow", "demo", "cli"},
     "__main__": {"cli"},
