@@ -2,8 +2,9 @@
 
 `read_scene` classifies background colour, shape colour, count, position, size and shape
 from pixels alone (palette distances, connected components, IoU against drawn shapes);
-`alignment` says which of the caption's claims the image meets. The demo's benchmark and
-docs use the share of fully aligned samples as the prompt-alignment score.
+`alignment` says which of the caption's claims the image meets. The share of fully aligned
+samples is the demo's prompt-alignment score: verify reports it on its hold-out samples
+(`nemo_surgery.verify.scenes`), and the demo's training tools and docs use it.
 """
 
 from __future__ import annotations
